@@ -1,0 +1,108 @@
+"""Weight-free adherence scorer for the moving-shapes world.
+
+From decoded frames it estimates the background colour, the shape's colour, the shape kind
+and the motion direction, and compares them with what the prompt asked for. It needs no
+model weights, so quality figures of the tiny model are reproducible anywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .world import COLORS, parse_prompt
+
+ATTRIBUTES = ("shape", "color", "background", "motion")
+_PALETTE_NAMES = list(COLORS)
+_PALETTE = np.asarray([COLORS[k] for k in _PALETTE_NAMES], dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    shape: str
+    color: str
+    background: str
+    motion: str
+
+
+def _nearest_color(rgb: np.ndarray, exclude: str | None = None) -> str:
+    d = ((_PALETTE - rgb[None, :]) ** 2).sum(axis=1)
+    if exclude is not None:
+        d[_PALETTE_NAMES.index(exclude)] = np.inf
+    return _PALETTE_NAMES[int(d.argmin())]
+
+
+def estimate(frames: np.ndarray) -> Estimate:
+    """Estimate the attributes of a clip; frames are uint8 or float in [0, 1], (T, H, W, 3)."""
+    x = np.asarray(frames)
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"frames must have shape (T, H, W, 3), got {x.shape}")
+    x = x.astype(np.float32) * (255.0 if x.dtype != np.uint8 and x.max() <= 1.0 + 1e-6 else 1.0)
+    t, h, w, _ = x.shape
+
+    # Background: the median colour of the frame border over the whole clip.
+    border = np.concatenate([x[:, 0], x[:, -1], x[:, :, 0], x[:, :, -1]], axis=1).reshape(-1, 3)
+    bg_rgb = np.median(border, axis=0)
+    background = _nearest_color(bg_rgb)
+
+    # Foreground: pixels far from the background colour; the shape colour is their median.
+    dist = np.sqrt(((x - bg_rgb) ** 2).sum(axis=-1))
+    fg_mask = dist > 0.5 * max(float(np.percentile(dist, 99)), 30.0)
+    if fg_mask.sum() == 0:
+        return Estimate(shape="none", color="none", background=background, motion="none")
+    color = _nearest_color(np.median(x[fg_mask], axis=0), exclude=background)
+
+    # Soft coverage by the shape colour: 1 at the shape colour, 0 at the background.
+    fg_rgb = np.asarray(COLORS[color], dtype=np.float32)
+    axis = fg_rgb - bg_rgb
+    cover = np.clip(((x - bg_rgb) @ axis) / max(float(axis @ axis), 1e-6), 0.0, 1.0)
+
+    # Shape: how much of its bounding box the shape fills (square 1.0, circle 0.79, triangle 0.5),
+    # measured per frame on the soft coverage and taken as the median over frames.
+    fills = []
+    centroids = []
+    ys, xs = np.mgrid[0:h, 0:w]
+    for f in range(t):
+        c = cover[f]
+        area = float(c.sum())
+        if area < 4.0:
+            continue
+        centroids.append(((c * xs).sum() / area, (c * ys).sum() / area))
+        # Sub-pixel extents: each row's / column's peak coverage sums to the side lengths.
+        box = float(c.max(axis=1).sum()) * float(c.max(axis=0).sum())
+        fills.append(area / box)
+    if not fills:
+        return Estimate(shape="none", color=color, background=background, motion="none")
+    fill = float(np.median(fills))
+    shape = "triangle" if fill < 0.64 else ("circle" if fill < 0.9 else "square")
+
+    # Motion: centroid displacement between the first and the last quarter of the clip.
+    cen = np.asarray(centroids)
+    q = max(1, len(cen) // 4)
+    dx, dy = cen[-q:].mean(axis=0) - cen[:q].mean(axis=0)
+    threshold = 0.1 * min(h, w)
+    if max(abs(dx), abs(dy)) < threshold:
+        motion = "still"
+    elif abs(dx) >= abs(dy):
+        motion = "right" if dx > 0 else "left"
+    else:
+        motion = "down" if dy > 0 else "up"
+    return Estimate(shape=shape, color=color, background=background, motion=motion)
+
+
+def score(frames: np.ndarray, prompt: str) -> dict[str, bool]:
+    """Per-attribute correctness of one clip against its prompt."""
+    want = parse_prompt(prompt)
+    got = estimate(frames)
+    return {a: getattr(got, a) == want[a] for a in ATTRIBUTES}
+
+
+def accuracy(results: list[dict[str, bool]]) -> dict[str, float]:
+    """Per-attribute accuracy plus `all` (every attribute right) over many clips."""
+    if not results:
+        raise ValueError("accuracy() needs at least one scored clip")
+    out = {a: float(np.mean([r[a] for r in results])) for a in ATTRIBUTES}
+    out["all"] = float(np.mean([all(r.values()) for r in results]))
+    return out
+

@@ -1,0 +1,101 @@
+"""SpeCa configuration: one frozen, validated dataclass plus named presets."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+CACHE_MODES = ("module", "lean")
+METRICS = ("rel_l1", "rel_l2", "rel_l1_elementwise")
+
+
+@dataclass(frozen=True)
+class SpeCaConfig:
+    """How SpeCa drafts, verifies and schedules.
+
+    Args:
+        order: degree of the draft polynomial through the last `order + 1` full steps (Newton
+            divided differences over the actual step gaps; 0 = plain reuse, 1 = TaylorSeer's
+            first order).
+        cache: `"module"` caches the attention and MLP outputs of every block (before their gates;
+            speculative steps re-apply the current step's gates and residuals); `"lean"` caches only
+            the residual stream entering the verified block and the stream leaving it, so memory
+            does not grow with depth.
+        tau0, beta, tau_min: acceptance threshold at step i of n:
+            `tau(i) = max(tau0 * beta ** (i / n), tau_min)`; a draft is accepted when its error is
+            strictly below `tau(i)` (so `tau0 = 0` never accepts and `inf` always does).
+        metric: per-sample error between the verified block's drafted and recomputed outputs, over
+            video tokens: `rel_l1` = sum|d - r| / sum|r|, `rel_l2` = ||d - r|| / ||r||,
+            `rel_l1_elementwise` = mean(|d - r| / (|r| + 1e-6)) (the reference code's metric).
+        warmup_steps: the first steps always run in full.
+        min_spec: the first `min_spec` speculative steps after a full step are accepted without the
+            check (their errors are still recorded).
+        max_spec: a full step is forced after `max_spec` speculative steps in a row.
+        final_full_steps: the last steps always run in full.
+        verify_block: index of the verified block among the single-stream blocks (-1 = the last).
+    """
+
+    order: int = 1
+    cache: str = "lean"
+    tau0: float = 0.1
+    beta: float = 0.5
+    tau_min: float = 0.02
+    metric: str = "rel_l1"
+    warmup_steps: int = 3
+    min_spec: int = 0
+    max_spec: int = 8
+    final_full_steps: int = 0
+    verify_block: int = -1
+
+    def __post_init__(self) -> None:
+        def bad(field: str, value, allowed: str) -> None:
+            raise ValueError(f"SpeCaConfig.{field}={value!r} is invalid: expected {allowed}")
+
+        if not isinstance(self.order, int) or not 0 <= self.order <= 4:
+            bad("order", self.order, "an integer in 0..4")
+        if self.cache not in CACHE_MODES:
+            bad("cache", self.cache, f"one of {CACHE_MODES}")
+        if self.metric not in METRICS:
+            bad("metric", self.metric, f"one of {METRICS}")
+        for name in ("tau0", "tau_min"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or math.isnan(v) or v < 0:
+                bad(name, v, "a number >= 0 (inf allowed)")
+        if not isinstance(self.beta, (int, float)) or not 0 < self.beta <= 1:
+            bad("beta", self.beta, "a number in (0, 1]")
+        for name in ("warmup_steps", "min_spec", "final_full_steps"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                bad(name, v, "an integer >= 0")
+        if not isinstance(self.max_spec, int) or self.max_spec < 1:
+            bad("max_spec", self.max_spec, "an integer >= 1")
+        if self.min_spec > self.max_spec:
+            bad("min_spec", self.min_spec, f"at most max_spec ({self.max_spec})")
+        if not isinstance(self.verify_block, int):
+            bad("verify_block", self.verify_block, "an integer index into the single-stream blocks")
+
+    def threshold(self, step: int, num_steps: int) -> float:
+        return max(self.tau0 * self.beta ** (step / max(num_steps, 1)), self.tau_min)
+
+    def replace(self, **changes) -> "SpeCaConfig":
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "SpeCaConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown SpeCa preset {name!r}; expected one of {sorted(PRESETS)}")
+        return replace(PRESETS[name], **overrides)
+
+
+PRESETS: dict[str, SpeCaConfig] = {
+    # The authors' HunyuanVideo settings (Cache4Diffusion speca-hunyuan_video): order 1, one
+    # warm-up step, tau 1.0 -> 0.1, 4..12 speculative steps, their element-wise relative L1,
+    # per-module cache.
+    "reference": SpeCaConfig(order=1, cache="module", tau0=1.0, beta=0.1, tau_min=0.1,
+                             metric="rel_l1_elementwise", warmup_steps=1, min_spec=4, max_spec=12),
+    # Our default, tuned on the bundled model (bench/caching.py): lean cache, ratio-of-sums error.
+    "default": SpeCaConfig(),
+}
