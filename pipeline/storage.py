@@ -297,6 +297,12 @@ class Storage:
         """Rename a finished temporary object onto its final name."""
         if isinstance(self.fs, LocalFileSystem):
             os.replace(src, dst)  # atomic on POSIX, replaces an existing file
+            # Persist the rename itself, so a power loss cannot bring back the old state.
+            dir_fd = os.open(os.path.dirname(dst) or ".", os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
         else:
             self.fs.mv(src, dst)
 

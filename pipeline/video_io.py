@@ -13,7 +13,7 @@ case-insensitive in FFmpeg's dictionaries, and the muxer writes its own
 rejected on encode and left out of :attr:`DecodedVideo.metadata` on decode.
 
 Colour: YUV outputs are converted from RGB with the BT.709 matrix (limited range) and
-tagged as such in the H.264/H.265 bitstream, so players and :func:`decode_mp4` use the
+tagged as such in the H.264 bitstream, so players and :func:`decode_mp4` use the
 same matrix. 4:2:0 chroma subsampling limits fidelity on saturated sharp edges
 (about 29-31 dB PSNR on synthetic test patterns); use ``yuv444p`` or ``libx264rgb``
 when a near-lossless copy matters more than file size.
@@ -26,10 +26,11 @@ import math
 import os
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Mapping
+from collections.abc import Mapping
 
 import av
 import numpy as np
+from av.video.reformatter import ColorPrimaries, ColorRange, ColorTrc, Colorspace
 
 __all__ = [
     "CODEC_PIX_FMTS",
@@ -58,8 +59,8 @@ _PRESETS = (
 # (width divisor, height divisor) imposed by chroma subsampling.
 _SUBSAMPLING: dict[str, tuple[int, int]] = {"yuv420p": (2, 2), "yuv422p": (2, 1)}
 
-# Keys the mp4 muxer writes itself; a user value would be overwritten or would corrupt
-# the file-type box, so they are reserved.
+# Keys the mp4 muxer writes itself (a user "encoder" is silently overwritten), so they
+# are reserved on encode and dropped on decode.
 _MUXER_KEYS = frozenset({"major_brand", "minor_version", "compatible_brands", "encoder"})
 
 
@@ -85,8 +86,10 @@ def _resolve_codec(name: str) -> str:
 class VideoEncoding:
     """How clips are encoded. Defaults favour quality: crf 12 is visually lossless.
 
-    crf is x264/x265's constant-quality knob (0 = lossless for rgb/4:4:4 input, 51 =
-    worst); preset trades encode time for size at the same quality.
+    crf is x264's constant-quality knob (0 = lossless coding, 51 = worst); with YUV
+    pix_fmts the RGB -> YUV conversion still loses a little (~52 dB at crf 0 for
+    yuv444p), only libx264rgb + crf 0 round-trips exactly. preset trades encode time
+    for size at the same quality.
     """
 
     fps: int = 8
@@ -206,10 +209,10 @@ def encode_mp4(
         stream.codec_context.options = {"crf": str(encoding.crf), "preset": encoding.preset}
         if is_yuv:
             cc = stream.codec_context
-            cc.colorspace = av.video.reformatter.Colorspace.ITU709
-            cc.color_range = av.video.reformatter.ColorRange.MPEG
-            cc.color_primaries = av.video.reformatter.ColorPrimaries.BT709
-            cc.color_trc = av.video.reformatter.ColorTrc.BT709
+            cc.colorspace = Colorspace.ITU709
+            cc.color_range = ColorRange.MPEG
+            cc.color_primaries = ColorPrimaries.BT709
+            cc.color_trc = ColorTrc.BT709
 
         for index, image in enumerate(rgb):
             frame = av.VideoFrame.from_ndarray(image, format="rgb24")
@@ -220,8 +223,8 @@ def encode_mp4(
                     dst_colorspace="ITU709",
                     src_color_range="JPEG",
                     dst_color_range="MPEG",
-                    dst_color_trc=av.video.reformatter.ColorTrc.BT709,
-                    dst_color_primaries=av.video.reformatter.ColorPrimaries.BT709,
+                    dst_color_trc=ColorTrc.BT709,
+                    dst_color_primaries=ColorPrimaries.BT709,
                     interpolation="BICUBIC",
                 )
             frame.pts = index
@@ -233,7 +236,8 @@ def encode_mp4(
 
 def decode_mp4(data: bytes | str | os.PathLike[str]) -> DecodedVideo:
     """Decode an MP4 (bytes or a local path) to RGB uint8 frames, fps and metadata."""
-    source = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else os.fspath(data)
+    is_bytes = isinstance(data, (bytes, bytearray, memoryview))
+    source = io.BytesIO(data) if is_bytes else os.fspath(data)
     with av.open(source, "r") as container:
         if not container.streams.video:
             raise ValueError("data contains no video stream")

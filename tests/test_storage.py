@@ -166,7 +166,8 @@ def test_crash_mid_write_keeps_previous_version(fs_store: Storage, monkeypatch) 
     assert len(staged) == 1 and staged[0] != fs_store._path("videos/clip.mp4")
     assert fs_store.read_bytes("videos/clip.mp4") == b"old complete content"
     assert fs_store.list() == ["videos/clip.mp4"]
-    assert _raw_listing(fs_store) == [fs_store.fs._strip_protocol(fs_store._path("videos/clip.mp4"))]
+    final = fs_store.fs._strip_protocol(fs_store._path("videos/clip.mp4"))
+    assert _raw_listing(fs_store) == [final]
 
 
 def test_leftover_temp_objects_are_not_listed(fs_store: Storage) -> None:
@@ -197,7 +198,9 @@ def test_transient_rename_failure_is_retried(fs_store: Storage, monkeypatch) -> 
     assert not any(".tmp-" in p for p in _raw_listing(fs_store))
 
 
-def test_persistent_failure_raises_storage_error_naming_url(fs_store: Storage, monkeypatch) -> None:
+def test_persistent_failure_raises_storage_error_naming_url(
+    fs_store: Storage, monkeypatch
+) -> None:
     calls = 0
 
     def broken(src: str, dst: str) -> None:
@@ -281,7 +284,8 @@ def test_s3_config_defaults_are_not_shared(s3_endpoint: str) -> None:
     """botocore rewrites the nested retries dict in place; the defaults must not drift."""
     first = Storage("s3://bucket-one", {"endpoint_url": s3_endpoint})
     assert not first.exists("x")  # creates the botocore client from config_kwargs
-    second = Storage("s3://bucket-two", {"endpoint_url": s3_endpoint, "config_kwargs": {"read_timeout": 7}})
+    options = {"endpoint_url": s3_endpoint, "config_kwargs": {"read_timeout": 7}}
+    second = Storage("s3://bucket-two", options)
     assert second.storage_options["config_kwargs"] == {
         "connect_timeout": 5,
         "read_timeout": 7,
@@ -324,7 +328,8 @@ def test_retry_retries_transient_errors(transient: BaseException) -> None:
 
 def test_retry_gives_up_with_storage_error() -> None:
     fn, calls = _counting([ConnectionError("down")] * 10)
-    with pytest.raises(StorageError, match=r"^reading s3://b/k failed after 3 attempt\(s\): .*down"):
+    expected = r"^reading s3://b/k failed after 3 attempt\(s\): .*down"
+    with pytest.raises(StorageError, match=expected):
         retry(fn, attempts=3, base_delay=0.0, what="reading s3://b/k", sleep=lambda s: None)
     assert calls["n"] == 3
 

@@ -54,7 +54,8 @@ def test_round_trip_default_settings(shape: tuple[int, int, int], min_psnr: floa
 
 
 def test_fps_and_metadata_survive_non_default_fps() -> None:
-    video = decode_mp4(encode_mp4(moving_square(5, 32, 32), {"seed": "7"}, VideoEncoding(fps=24)))
+    frames = moving_square(5, 32, 32)
+    video = decode_mp4(encode_mp4(frames, {"seed": "7"}, VideoEncoding(fps=24)))
     assert video.fps == 24.0
     assert video.frames.shape[0] == 5
     assert video.metadata == {"seed": "7"}
@@ -74,16 +75,18 @@ def test_decode_from_path(tmp_path) -> None:
         assert video.metadata == {"prompt": "path"}
 
 
+def round_trip(frames: np.ndarray, encoding: VideoEncoding = VideoEncoding()) -> np.ndarray:
+    return decode_mp4(encode_mp4(frames, encoding=encoding)).frames
+
+
 def test_higher_fidelity_settings_give_higher_psnr() -> None:
     frames = moving_square(17, 32, 32)
-    default = psnr(frames, decode_mp4(encode_mp4(frames)).frames)
+    default = psnr(frames, round_trip(frames))  # measured 29.53 dB
     # Measured: yuv444p crf 12 -> 42.97 dB, yuv444p crf 0 -> 52.02 dB (limited by the
     # RGB -> YUV rounding), libx264rgb crf 0 -> exact.
-    yuv444 = psnr(frames, decode_mp4(encode_mp4(frames, encoding=VideoEncoding(pix_fmt="yuv444p"))).frames)
-    yuv444_crf0 = psnr(
-        frames, decode_mp4(encode_mp4(frames, encoding=VideoEncoding(pix_fmt="yuv444p", crf=0))).frames
-    )
-    rgb = decode_mp4(encode_mp4(frames, encoding=LOSSLESS_RGB)).frames
+    yuv444 = psnr(frames, round_trip(frames, VideoEncoding(pix_fmt="yuv444p")))
+    yuv444_crf0 = psnr(frames, round_trip(frames, VideoEncoding(pix_fmt="yuv444p", crf=0)))
+    rgb = round_trip(frames, LOSSLESS_RGB)
 
     assert yuv444 > default + 8.0
     assert yuv444 > 40.0
@@ -94,8 +97,8 @@ def test_higher_fidelity_settings_give_higher_psnr() -> None:
 
 def test_yuv444p_and_rgb_accept_odd_sizes() -> None:
     frames = moving_square(3, 33, 35)
-    assert decode_mp4(encode_mp4(frames, encoding=VideoEncoding(pix_fmt="yuv444p"))).frames.shape == (3, 33, 35, 3)
-    np.testing.assert_array_equal(decode_mp4(encode_mp4(frames, encoding=LOSSLESS_RGB)).frames, frames)
+    assert round_trip(frames, VideoEncoding(pix_fmt="yuv444p")).shape == (3, 33, 35, 3)
+    np.testing.assert_array_equal(round_trip(frames, LOSSLESS_RGB), frames)
 
 
 def test_float_frames_are_clipped_and_rounded() -> None:
@@ -104,12 +107,12 @@ def test_float_frames_are_clipped_and_rounded() -> None:
     as_float[0, 0, 0] = (-0.5, 1.5, 0.5)  # out of range -> clipped; 0.5 -> 127.5 -> 128
     expected = frames.copy()
     expected[0, 0, 0] = (0, 255, 128)
-    np.testing.assert_array_equal(decode_mp4(encode_mp4(as_float, encoding=LOSSLESS_RGB)).frames, expected)
+    np.testing.assert_array_equal(round_trip(as_float, LOSSLESS_RGB), expected)
 
 
 def test_h264_alias_resolves_to_libx264() -> None:
     assert VideoEncoding(codec="h264").encoder == "libx264"
-    assert decode_mp4(encode_mp4(moving_square(3, 32, 32), encoding=VideoEncoding(codec="h264"))).frames.shape[0] == 3
+    assert round_trip(moving_square(3, 32, 32), VideoEncoding(codec="h264")).shape[0] == 3
 
 
 @pytest.mark.parametrize(

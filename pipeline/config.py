@@ -1,0 +1,178 @@
+"""Typed, validated configuration for loading a model and for each sample request.
+
+Everything is checked here, at the edge, before any model work; each error names the field,
+the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, fields, replace
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class InvalidRequest(ValueError):
+    """A request or config field has a value that cannot work; `field` names it."""
+
+    def __init__(self, field: str, value, allowed: str):
+        self.field = field
+        super().__init__(f"{field}={value!r} is invalid: {allowed}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to load and how.
+
+    Args:
+        model: "bundled" (the tiny model in this package), a diffusers-format folder, or a hub id
+            such as "hunyuanvideo-community/HunyuanVideo".
+        device: "auto" (CUDA when present, else CPU), "cpu", "cuda" or "cuda:N".
+        dtype: "auto" (bfloat16 on CUDA, float32 on CPU), "float32", "bfloat16" or "float16"
+            (float16 gives NaNs / black videos on HunyuanVideo; bfloat16 is the safe half type).
+        attention_backend: a diffusers attention backend ("native" = PyTorch SDPA, "_native_cudnn",
+            "xformers", ...). Backends that refuse an attention mask cannot run HunyuanVideo.
+        vae_tiling: decode the VAE in spatial tiles (needed at 720p on most GPUs).
+    """
+
+    model: str = "bundled"
+    device: str = "auto"
+    dtype: str = "auto"
+    attention_backend: str = "native"
+    vae_tiling: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise InvalidRequest("model", self.model, "expected 'bundled', a folder or a hub id")
+        if self.dtype not in DTYPES:
+            raise InvalidRequest("dtype", self.dtype, f"expected one of {DTYPES}")
+        dev = self.device
+        if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+            raise InvalidRequest("device", dev, "expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+    def resolve_device(self) -> str:
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise InvalidRequest("device", self.device, "CUDA is not available on this machine (use 'cpu')")
+            index = int(self.device.split(":")[1]) if ":" in self.device else 0
+            if index >= torch.cuda.device_count():
+                raise InvalidRequest("device", self.device, f"only {torch.cuda.device_count()} CUDA device(s) present")
+        return self.device
+
+    def resolve_dtype(self, device: str):
+        import torch
+
+        name = self.dtype if self.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+        if device == "cpu" and name == "float16":
+            raise InvalidRequest("dtype", self.dtype, "float16 is not supported on CPU (use float32 or bfloat16)")
+        if name == "bfloat16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
+            raise InvalidRequest("dtype", self.dtype, "this GPU has no bfloat16 support (use float32)")
+        return getattr(torch, name)
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """Per-model defaults, read from the model folder's generation_config.json when present."""
+
+    height: int = 720
+    width: int = 1280
+    num_frames: int = 129
+    num_inference_steps: int = 50
+    guidance_scale: float = 6.0
+    true_cfg_scale: float = 1.0
+    negative_prompt: str = ""
+    max_sequence_length: int = 256
+    prompt_template: dict | None = None  # None: the pipeline's own (the real model's) template
+    fps: int = 24
+    vae_framewise: bool = True
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GenerationDefaults":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """Size rules of a loaded model: latent strides in space and time."""
+
+    spatial_stride: int  # VAE spatial compression x transformer patch size
+    temporal_stride: int  # VAE temporal compression x temporal patch size
+    vae_spatial: int
+    patch: int
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """One video to generate; unset fields take the model's defaults."""
+
+    prompt: str
+    seed: int = 0
+    id: str | None = None
+    height: int | None = None
+    width: int | None = None
+    num_frames: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    true_cfg_scale: float | None = None
+    negative_prompt: str | None = None
+
+    def resolve(self, defaults: GenerationDefaults) -> "SampleRequest":
+        """Fill unset fields from the model defaults and assign a stable id."""
+        filled = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name in ("height", "width", "num_frames", "num_inference_steps", "guidance_scale", "true_cfg_scale",
+                     "negative_prompt"):
+            if filled[name] is None:
+                filled[name] = getattr(defaults, name)
+        req = SampleRequest(**filled)
+        return req if req.id else replace(req, id=req.content_hash())
+
+    def content_hash(self) -> str:
+        """A stable id from everything that determines the video."""
+        payload = {k: v for k, v in asdict(self).items() if k != "id"}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def validate(self, limits: ModelLimits) -> None:
+        """Raise InvalidRequest naming the first bad field; expects a resolved request."""
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise InvalidRequest("prompt", self.prompt, "must be a non-empty string")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
+            raise InvalidRequest("seed", self.seed, "must be an integer in [0, 2**63)")
+        if self.id is not None and (not isinstance(self.id, str) or not self.id or "/" in self.id
+                                    or self.id.startswith(".")):
+            raise InvalidRequest("id", self.id, "must be a non-empty string without '/' that does not start with '.'")
+        s = limits.spatial_stride
+        for name in ("height", "width"):
+            v = getattr(self, name)
+            if not _is_int(v) or v <= 0 or v % s:
+                lo = max(s, (v // s) * s) if _is_int(v) and v > 0 else s
+                raise InvalidRequest(name, v, f"must be a positive multiple of {s} (VAE x{limits.vae_spatial} times "
+                                              f"patch {limits.patch}), e.g. {lo} or {lo + s}")
+        t = limits.temporal_stride
+        n = self.num_frames
+        if not _is_int(n) or n < 1 or (n - 1) % t:
+            base = ((n - 1) // t) * t + 1 if _is_int(n) and n > 1 else 1
+            raise InvalidRequest("num_frames", n, f"must be {t}k+1 frames (the VAE compresses time {t}x), e.g. {base} or {base + t}")
+        if not _is_int(self.num_inference_steps) or self.num_inference_steps < 1:
+            raise InvalidRequest("num_inference_steps", self.num_inference_steps, "must be an integer >= 1")
+        for name in ("guidance_scale", "true_cfg_scale"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise InvalidRequest(name, v, "must be a finite number >= 0")
+        if not isinstance(self.negative_prompt, str):
+            raise InvalidRequest("negative_prompt", self.negative_prompt, "must be a string (may be empty)")
+
+    def batch_key(self) -> tuple:
+        """Samples with equal keys can share one batch."""
+        return (self.height, self.width, self.num_frames, self.num_inference_steps, self.guidance_scale,
+                self.true_cfg_scale)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)

@@ -1,0 +1,246 @@
+"""Generation in one process: requests in, frames and stats out; and the one-off CLI.
+
+    python -m pipeline.generate --prompt "a red circle moving left on a blue background" --output ./outputs
+
+`Generator` is the engine (model + SpeCa) used by the CLI here and by the Ray job's replicas.
+It batches samples that share shape, steps and guidance, seeds each sample's noise with its own
+CPU generator (so a sample's video does not depend on its batch or device), and times every
+stage for the stats record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+import torch
+
+from speca import SpeCaConfig, apply_speca, disable_speca
+from speca.flops import num_blocks, step_flops
+
+from .config import InvalidRequest, ModelConfig, SampleRequest
+from .loading import LoadedModel, load_pipeline
+from .stats import SampleStats
+
+
+@dataclass
+class GeneratedSample:
+    request: SampleRequest  # resolved: every field set
+    frames: np.ndarray  # (T, H, W, 3) uint8
+    stats: SampleStats
+
+
+class Generator:
+    """A loaded model with an optional SpeCa config; turns requests into frames and stats."""
+
+    def __init__(self, model: LoadedModel, speca: SpeCaConfig | None = None, error_reduce=None):
+        self.model = model
+        self.speca = speca
+        self.session = apply_speca(model.pipe, speca, error_reduce=error_reduce) if speca is not None else None
+
+    @classmethod
+    def load(cls, model_config: ModelConfig = ModelConfig(), speca: SpeCaConfig | None = None) -> "Generator":
+        return cls(load_pipeline(model_config), speca)
+
+    def close(self) -> None:
+        if self.session is not None:
+            disable_speca(self.model.pipe)
+            self.session = None
+
+    def prepare(self, requests: list[SampleRequest]) -> list[SampleRequest]:
+        """Resolve defaults and validate every request before any model work."""
+        info = self.model.info
+        resolved = []
+        for r in requests:
+            rr = r.resolve(info.defaults)
+            rr.validate(info.limits)
+            resolved.append(rr)
+        return resolved
+
+    def config_record(self) -> dict:
+        return {"model": asdict(self.model.config), "speca": self.speca.to_dict() if self.speca else None,
+                "dtype": str(self.model.dtype).removeprefix("torch."), "device": self.model.device}
+
+    def generate(self, requests: list[SampleRequest], batch_size: int = 8) -> list[GeneratedSample]:
+        """Generate every request; samples that can share a batch are batched up to `batch_size`."""
+        resolved = self.prepare(requests)
+        out: dict[int, GeneratedSample] = {}
+        for idx in _batches(resolved, batch_size):
+            for i, sample in zip(idx, self._generate_batch([resolved[i] for i in idx])):
+                out[i] = sample
+        return [out[i] for i in range(len(resolved))]
+
+    @torch.no_grad()
+    def _generate_batch(self, batch: list[SampleRequest]) -> list[GeneratedSample]:
+        pipe, info = self.model.pipe, self.model.info
+        defaults = info.defaults
+        first = batch[0]
+        device = self.model.device
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats(device)
+        text_kwargs = dict(max_sequence_length=defaults.max_sequence_length, device=device)
+        if defaults.prompt_template is not None:
+            text_kwargs["prompt_template"] = defaults.prompt_template
+
+        t0 = time.perf_counter()
+        embeds, pooled, mask = pipe.encode_prompt(prompt=[r.prompt for r in batch], **text_kwargs)
+        cfg = {}
+        if first.true_cfg_scale > 1:
+            n_embeds, n_pooled, n_mask = pipe.encode_prompt(prompt=[r.negative_prompt for r in batch], **text_kwargs)
+            cfg = dict(negative_prompt_embeds=n_embeds, negative_pooled_prompt_embeds=n_pooled,
+                       negative_prompt_attention_mask=n_mask, true_cfg_scale=first.true_cfg_scale)
+        t1 = time.perf_counter()
+        latents = pipe(
+            prompt_embeds=embeds, pooled_prompt_embeds=pooled, prompt_attention_mask=mask,
+            height=first.height, width=first.width, num_frames=first.num_frames,
+            num_inference_steps=first.num_inference_steps, guidance_scale=first.guidance_scale,
+            generator=[torch.Generator("cpu").manual_seed(r.seed) for r in batch],
+            output_type="latent", return_dict=False, **cfg,
+            **({"prompt_template": defaults.prompt_template} if defaults.prompt_template is not None else {}),
+        )[0]
+        t2 = time.perf_counter()
+        frames = self.decode(latents)
+        t3 = time.perf_counter()
+
+        speca_stats = self.session.stats() if self.session is not None else None
+        tokens = _tokens(info.transformer_config, latents.shape, embeds.shape[1])
+        full_flops = step_flops(info.transformer_config, tokens) * first.num_inference_steps * (2 if cfg else 1)
+        peak = (torch.cuda.max_memory_allocated(device) if device.startswith("cuda")
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        config_json = json.dumps(self.config_record(), sort_keys=True)
+        results = []
+        for i, r in enumerate(batch):
+            s = SampleStats(
+                id=r.id, prompt=r.prompt, seed=r.seed, height=r.height, width=r.width, num_frames=r.num_frames,
+                num_inference_steps=r.num_inference_steps, guidance_scale=float(r.guidance_scale),
+                true_cfg_scale=float(r.true_cfg_scale), batch_size=len(batch),
+                seconds_text=t1 - t0, seconds_denoise=t2 - t1, seconds_decode=t3 - t2, peak_memory_bytes=int(peak),
+                model=info.model, config_json=config_json)
+            if speca_stats is not None:
+                st = speca_stats[i]
+                s.method, s.step_pattern = "speca", st.step_pattern
+                s.full_steps, s.spec_accepted, s.spec_rejected = st.full_steps, st.accepted, st.rejected
+                s.spec_errors, s.spec_thresholds = st.errors, st.thresholds
+                s.flops_ratio, s.cache_bytes = st.compute_ratio, st.cache_bytes
+            else:
+                s.step_pattern, s.full_steps = "F" * r.num_inference_steps, r.num_inference_steps
+            s.flops = full_flops * s.flops_ratio
+            s.check()
+            results.append(GeneratedSample(request=r, frames=frames[i], stats=s))
+        return results
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Latents -> uint8 frames (B, T, H, W, 3)."""
+        pipe = self.model.pipe
+        z = latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor
+        video = pipe.vae.decode(z, return_dict=False)[0]
+        video = (video.float().clamp(-1, 1) + 1) * 127.5
+        return video.round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy()
+
+
+def _tokens(transformer_config: dict, latent_shape, text_tokens: int) -> int:
+    from speca.flops import video_tokens
+
+    return video_tokens(transformer_config, *latent_shape[2:]) + text_tokens
+
+
+def _batches(requests: list[SampleRequest], batch_size: int) -> Iterator[list[int]]:
+    """Indices grouped by batch key, in first-seen order, at most `batch_size` per batch."""
+    if batch_size < 1:
+        raise InvalidRequest("batch_size", batch_size, "must be >= 1")
+    groups: dict[tuple, list[int]] = {}
+    for i, r in enumerate(requests):
+        groups.setdefault(r.batch_key(), []).append(i)
+    for idx in groups.values():
+        for start in range(0, len(idx), batch_size):
+            yield idx[start:start + batch_size]
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Model, SpeCa and sample-default flags shared by the CLI and the Ray job."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default="bundled",
+                   help="'bundled' (tiny test model), a diffusers folder, or a hub id (default: bundled)")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16")
+    g.add_argument("--attention-backend", default="native",
+                   help="diffusers attention backend (default: native = PyTorch SDPA)")
+    g.add_argument("--vae-tiling", action="store_true", help="decode the VAE in tiles (720p on one GPU)")
+    s = parser.add_argument_group("SpeCa")
+    s.add_argument("--speca", default="default",
+                   help="SpeCa preset: 'default', 'reference' (the authors' HunyuanVideo settings) or 'off'")
+    s.add_argument("--speca-cache", choices=["module", "lean"], help="override the preset's cache granularity")
+    s.add_argument("--speca-tau0", type=float, help="override the preset's initial threshold")
+    s.add_argument("--speca-max-spec", type=int, help="override the preset's maximum speculative run")
+
+
+def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
+    return ModelConfig(model=args.model, device=args.device, dtype=args.dtype,
+                       attention_backend=args.attention_backend, vae_tiling=args.vae_tiling)
+
+
+def speca_config_from_args(args: argparse.Namespace) -> SpeCaConfig | None:
+    if args.speca == "off":
+        return None
+    overrides = {k: v for k, v in (("cache", args.speca_cache), ("tau0", args.speca_tau0),
+                                   ("max_spec", args.speca_max_spec)) if v is not None}
+    return SpeCaConfig.from_name(args.speca, **overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .storage import Storage
+    from .video_io import VideoEncoding
+    from .writer import write_sample
+
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.generate", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--prompt", action="append", required=True, help="prompt (repeat for several videos)")
+    parser.add_argument("--output", required=True, help="output folder or fsspec URL (file://, s3://, memory://)")
+    parser.add_argument("--seed", type=int, action="append", help="seed per prompt (repeat; default 0, 1, 2, ...)")
+    for name in ("height", "width", "num-frames", "num-inference-steps"):
+        parser.add_argument(f"--{name}", type=int, help="default: the model's")
+    parser.add_argument("--guidance-scale", type=float, help="embedded guidance (default: the model's)")
+    parser.add_argument("--true-cfg-scale", type=float, help="true CFG scale, > 1 turns it on (default: the model's)")
+    parser.add_argument("--negative-prompt", help="negative prompt for true CFG (default: the model's)")
+    parser.add_argument("--batch-size", type=int, default=8, help="samples denoised together")
+    parser.add_argument("--fps", type=int, help="MP4 frame rate (default: the model's)")
+    parser.add_argument("--crf", type=int, default=VideoEncoding.crf, help="x264 quality, 0 = lossless")
+    add_model_arguments(parser)
+    args = parser.parse_args(argv)
+
+    seeds = args.seed or list(range(len(args.prompt)))
+    if len(seeds) != len(args.prompt):
+        parser.error(f"--seed given {len(seeds)} times for {len(args.prompt)} prompts")
+    try:
+        requests = [SampleRequest(prompt=p, seed=s, height=args.height, width=args.width, num_frames=args.num_frames,
+                                  num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                                  true_cfg_scale=args.true_cfg_scale, negative_prompt=args.negative_prompt)
+                    for p, s in zip(args.prompt, seeds)]
+        model_config = model_config_from_args(args)
+        speca = speca_config_from_args(args)
+        storage = Storage(args.output)
+        storage.check()
+        gen = Generator.load(model_config, speca)
+        requests = gen.prepare(requests)
+        encoding = VideoEncoding(fps=args.fps or gen.model.info.defaults.fps, crf=args.crf)
+    except (InvalidRequest, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"generating {len(requests)} video(s) with {gen.model.info.model} on {gen.model.device} "
+          f"(SpeCa: {args.speca})", file=sys.stderr)
+    for sample in gen.generate(requests, batch_size=args.batch_size):
+        stats = write_sample(storage, sample, encoding)
+        print(f"{stats.video}  steps {stats.step_pattern}  FLOPs x{1 / stats.flops_ratio:.2f} less  "
+              f"denoise {stats.seconds_denoise:.1f}s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

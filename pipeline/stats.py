@@ -1,0 +1,107 @@
+"""The per-sample stats record: one typed row per generated (or failed) sample, stored as Parquet.
+
+Schema (`STATS_SCHEMA`):
+    id, prompt, seed                 what was asked
+    height, width, num_frames        output shape in pixels / frames
+    num_inference_steps              denoising steps
+    guidance_scale, true_cfg_scale   embedded guidance and true CFG scale
+    method                           "none" (every step full) or "speca"
+    full_steps                       steps run in full on schedule (pattern `F`)
+    spec_accepted                    speculative steps accepted (pattern `S`)
+    spec_rejected                    speculative steps rejected and recomputed in full (pattern `R`)
+    step_pattern                     one letter per step, e.g. "FFFSSSRSSF..."
+    spec_errors, spec_thresholds     verification error and threshold of each speculative step
+    flops                            estimated transformer FLOPs spent on the sample
+    flops_ratio                      flops relative to the same sample without caching
+    cache_bytes                      peak SpeCa feature-cache bytes of the sample's batch
+    batch_size                       samples denoised together
+    seconds_text, seconds_denoise, seconds_decode, seconds_encode, seconds_upload
+                                     wall seconds per stage (batch stages are shared by its samples)
+    peak_memory_bytes                peak accelerator memory (CUDA) or process RSS (CPU)
+    status                           "ok" or "failed"
+    error                            the failure, for failed samples
+    video                            URL of the MP4
+    model, config_json               model id and the full generation config, as JSON
+    extra_json                       manifest columns we do not interpret, as JSON
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+
+import pyarrow as pa
+
+STATS_SCHEMA = pa.schema([
+    ("id", pa.string()), ("prompt", pa.string()), ("seed", pa.int64()),
+    ("height", pa.int32()), ("width", pa.int32()), ("num_frames", pa.int32()),
+    ("num_inference_steps", pa.int32()), ("guidance_scale", pa.float64()), ("true_cfg_scale", pa.float64()),
+    ("method", pa.string()), ("full_steps", pa.int32()), ("spec_accepted", pa.int32()),
+    ("spec_rejected", pa.int32()), ("step_pattern", pa.string()),
+    ("spec_errors", pa.list_(pa.float64())), ("spec_thresholds", pa.list_(pa.float64())),
+    ("flops", pa.float64()), ("flops_ratio", pa.float64()), ("cache_bytes", pa.int64()), ("batch_size", pa.int32()),
+    ("seconds_text", pa.float64()), ("seconds_denoise", pa.float64()), ("seconds_decode", pa.float64()),
+    ("seconds_encode", pa.float64()), ("seconds_upload", pa.float64()), ("peak_memory_bytes", pa.int64()),
+    ("status", pa.string()), ("error", pa.string()), ("video", pa.string()),
+    ("model", pa.string()), ("config_json", pa.string()), ("extra_json", pa.string()),
+])
+
+
+@dataclass
+class SampleStats:
+    id: str
+    prompt: str
+    seed: int
+    height: int
+    width: int
+    num_frames: int
+    num_inference_steps: int
+    guidance_scale: float
+    true_cfg_scale: float
+    method: str = "none"
+    full_steps: int = 0
+    spec_accepted: int = 0
+    spec_rejected: int = 0
+    step_pattern: str = ""
+    spec_errors: list[float] = field(default_factory=list)
+    spec_thresholds: list[float] = field(default_factory=list)
+    flops: float = 0.0
+    flops_ratio: float = 1.0
+    cache_bytes: int = 0
+    batch_size: int = 1
+    seconds_text: float = 0.0
+    seconds_denoise: float = 0.0
+    seconds_decode: float = 0.0
+    seconds_encode: float = 0.0
+    seconds_upload: float = 0.0
+    peak_memory_bytes: int = 0
+    status: str = "ok"
+    error: str | None = None
+    video: str | None = None
+    model: str = ""
+    config_json: str = "{}"
+    extra_json: str = "{}"
+
+    def check(self) -> None:
+        """Invariants every ok record satisfies; raises ValueError when broken."""
+        if self.status == "ok":
+            counted = self.full_steps + self.spec_accepted + self.spec_rejected
+            if counted != self.num_inference_steps or len(self.step_pattern) != self.num_inference_steps:
+                raise ValueError(f"stats of {self.id}: step counts {counted} / pattern {self.step_pattern!r} do not "
+                                 f"add up to {self.num_inference_steps} steps")
+
+    @classmethod
+    def from_row(cls, row: dict) -> "SampleStats":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in row.items() if k in names})
+
+    def extra(self) -> dict:
+        return json.loads(self.extra_json or "{}")
+
+
+def to_table(records: list[SampleStats]) -> pa.Table:
+    return pa.Table.from_pylist([asdict(r) for r in records], schema=STATS_SCHEMA)
+
+
+def from_table(table: pa.Table) -> list[SampleStats]:
+    return [SampleStats.from_row(r) for r in table.to_pylist()]
