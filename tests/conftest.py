@@ -59,3 +59,24 @@ def s3_bucket(s3_endpoint: str) -> Iterator[str]:
     client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
     client.create_bucket(Bucket=bucket)
     yield f"s3://{bucket}"
+
+
+# --- the bundled tiny model ---------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """The bundled tiny HunyuanVideo, loaded once (fp32, CPU)."""
+    from pipeline.config import ModelConfig
+    from pipeline.loading import load_pipeline
+
+    return load_pipeline(ModelConfig(device="cpu"))
+
+
+@pytest.fixture
+def tiny_pipe(tiny_model):
+    """The bundled pipeline; any SpeCa a test enables is removed afterwards."""
+    from speca import disable_speca
+
+    yield tiny_model.pipe
+    disable_speca(tiny_model.pipe)
