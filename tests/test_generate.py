@@ -66,3 +66,19 @@ def test_cli_rejects_bad_input_naming_the_field(tmp_path, capsys, flag, value, f
     assert code == 2
     assert f"{field}={value}" in capsys.readouterr().err
     assert not (tmp_path / "videos").exists()
+
+
+def test_speca_fills_the_stats_record(tiny_model):
+    from speca import SpeCaConfig
+
+    plain = Generator(tiny_model).generate([SampleRequest(prompt=PROMPT, seed=1, num_inference_steps=20)])[0].stats
+    gen = Generator(tiny_model, SpeCaConfig(warmup_steps=2, max_spec=4, tau0=float("inf"), tau_min=float("inf")))
+    try:
+        s = gen.generate([SampleRequest(prompt=PROMPT, seed=1, num_inference_steps=20)])[0].stats
+    finally:
+        gen.close()
+    assert s.method == "speca" and s.step_pattern.startswith("FFSSSSF")
+    assert s.full_steps + s.spec_accepted + s.spec_rejected == 20 and s.spec_accepted > 10
+    assert 0 < s.flops_ratio < 0.5 and s.flops == pytest.approx(plain.flops * s.flops_ratio)
+    assert len(s.spec_errors) == s.spec_accepted + s.spec_rejected and s.cache_bytes > 0
+    assert "speca" in s.config_json and '"max_spec": 4' in s.config_json
