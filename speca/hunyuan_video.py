@@ -69,10 +69,12 @@ class SpeCaSession:
     """Shared state of one SpeCa-enabled transformer: config, controller, current pass."""
 
     def __init__(self, transformer, config: SpeCaConfig, scheduler=None,
-                 error_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 error_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 valid_tokens: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.config = config
         self.scheduler = scheduler
         self.error_reduce = error_reduce
+        self.valid_tokens = valid_tokens
         self.num_double = len(transformer.transformer_blocks)
         self.num_single = len(transformer.single_transformer_blocks)
         self.num_blocks = self.num_double + self.num_single
@@ -135,6 +137,12 @@ class SpeCaSession:
 
     def draft(self, key: str) -> torch.Tensor:
         return self.forecaster.predict(key, self.rows, self.step)
+
+    def measure(self, drafted: torch.Tensor, real: torch.Tensor) -> None:
+        """Error partial sums of the verified block over this rank's real video tokens."""
+        if self.valid_tokens is not None:
+            drafted, real = self.valid_tokens(drafted), self.valid_tokens(real)
+        self.partials = error_partials(drafted, real, self.config.metric)
 
 
 class _ContextTracker(StateManager):
@@ -266,13 +274,13 @@ class _SpeCaBlockHook(ModelHook):
             if not self.is_verify:
                 return original(hidden_states, encoder_hidden_states, temb, *args, **kwargs)
             real = original(s.draft("in.h"), s.draft("in.e"), temb, *args, **kwargs)
-            s.partials = error_partials(s.draft("out.h"), real[0], s.config.metric)
+            s.measure(s.draft("out.h"), real[0])
             return real
         drafted = self._draft_block(module, hidden_states, encoder_hidden_states, temb)
         if not self.is_verify:
             return drafted
         real = original(hidden_states, encoder_hidden_states, temb, *args, **kwargs)
-        s.partials = error_partials(drafted[0], real[0], s.config.metric)
+        s.measure(drafted[0], real[0])
         return real
 
     def _draft_block(self, module, hidden, enc, temb):
@@ -319,12 +327,14 @@ def _resolve(target):
 
 
 def apply_speca(target, config: SpeCaConfig | None = None, *,
-                error_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> SpeCaSession:
+                error_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                valid_tokens: Callable[[torch.Tensor], torch.Tensor] | None = None) -> SpeCaSession:
     """Enable SpeCa on a HunyuanVideo pipeline or transformer; returns the session (stats, begin()).
 
     `error_reduce` receives the per-sample error partial sums (B, 2) and returns them summed
     over every rank that holds a shard of the tokens (sequence parallelism), so all ranks
-    decide alike.
+    decide alike. `valid_tokens` maps a rank's local video-token tensor (B, N_local, D) to its
+    real tokens, dropping any padding a sequence-parallel split added.
 
     Example:
         >>> session = apply_speca(pipe, SpeCaConfig.from_name("default"))
@@ -338,7 +348,7 @@ def apply_speca(target, config: SpeCaConfig | None = None, *,
     if getattr(transformer, "is_cache_enabled", False):
         raise RuntimeError("a diffusers cache (enable_cache) is active on this transformer; disable it before SpeCa")
     config = config or SpeCaConfig()
-    session = SpeCaSession(transformer, config, scheduler, error_reduce)
+    session = SpeCaSession(transformer, config, scheduler, error_reduce, valid_tokens)
     HookRegistry.check_if_exists_or_initialize(transformer).register_hook(_SpeCaRootHook(session), _ROOT_HOOK)
     blocks = [(b, True) for b in transformer.transformer_blocks] + [(b, False) for b in transformer.single_transformer_blocks]
     handles = []
