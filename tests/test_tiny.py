@@ -1,0 +1,71 @@
+"""The bundled model's world, its weight-free scorer, and the trainer's smoke mode."""
+
+import numpy as np
+import pytest
+
+from pipeline.tiny import scorer, world
+
+
+def test_world_is_deterministic_and_in_bounds():
+    a, b = world.render(world.sample_spec(123)), world.render(world.sample_spec(123))
+    assert np.array_equal(a, b) and a.shape == (world.NUM_FRAMES, world.HEIGHT, world.WIDTH, 3)
+    assert not np.array_equal(a, world.render(world.sample_spec(124)))
+    for seed in range(200):  # the shape never leaves the frame: its visible area stays constant
+        spec = world.sample_spec(seed)
+        frames = world.render(spec).astype(float)
+        fg, bg = np.asarray(world.COLORS[spec.color], float), np.asarray(world.COLORS[spec.background], float)
+        cover = ((frames - bg) @ (fg - bg) / ((fg - bg) @ (fg - bg))).sum(axis=(1, 2))
+        assert cover.min() > 0.95 * cover.max() and cover.min() > 30  # anti-aliased diagonals vary ~4%
+
+
+def test_prompt_grammar_round_trip_and_errors():
+    for combo in world.all_attribute_combinations():
+        shape, color, background, motion = combo
+        parsed = world.parse_prompt(world.make_prompt(shape, color, background, motion))
+        assert parsed == {"shape": shape, "color": color, "background": background, "motion": motion}
+    with pytest.raises(ValueError, match="grammar"):
+        world.parse_prompt("a purple hexagon dancing")
+    assert set(" ".join(world.make_prompt(*c) for c in world.all_attribute_combinations()).split()) == \
+        set(world.vocabulary())
+
+
+def test_training_split_never_draws_held_out_pairs():
+    drawn = {(s.color, s.shape) for s in (world.sample_spec(i) for i in range(3000))}
+    assert not drawn & world.HELD_OUT_PAIRS
+    assert len(drawn) == 6 * 3 - len(world.HELD_OUT_PAIRS)
+    evals = world.eval_specs(48)
+    assert sum((s.color, s.shape) in world.HELD_OUT_PAIRS for s in evals) >= 16  # every third, at least
+    assert {s.motion for s in evals} == set(world.MOTIONS)
+
+
+def test_scorer_on_ground_truth_clips():
+    results = [scorer.score(world.render(s), s.prompt) for s in
+               [world.sample_spec(10_000 + i) for i in range(300)] + world.eval_specs(48)]
+    acc = scorer.accuracy(results)
+    assert all(acc[a] >= 0.98 for a in scorer.ATTRIBUTES), acc
+
+
+def test_scorer_catches_wrong_attributes():
+    spec = world.sample_spec(5, shape="circle", color="red", background="blue", motion="left")
+    frames = world.render(spec)
+    assert scorer.score(frames, spec.prompt) == dict.fromkeys(scorer.ATTRIBUTES, True)
+    wrong = world.make_prompt("square", "green", "white", "right")
+    assert scorer.score(frames, wrong) == dict.fromkeys(scorer.ATTRIBUTES, False)
+    assert scorer.score(frames[::-1], spec.prompt)["motion"] is False  # played backwards: moving right
+    blank = np.zeros_like(frames)
+    assert not any(scorer.score(blank, spec.prompt).values())
+
+
+def test_trainer_smoke_mode_writes_a_loadable_model(tmp_path):
+    from pipeline.config import ModelConfig, SampleRequest
+    from pipeline.generate import Generator
+    from pipeline.loading import load_pipeline
+    from pipeline.tiny import train
+
+    out = tmp_path / "model"
+    train.main(["--smoke", "--workdir", str(tmp_path / "work"), "--output", str(out)])
+    assert (out / "README.md").read_text().startswith("# tiny-hunyuanvideo")
+    gen = Generator(load_pipeline(ModelConfig(model=str(out), device="cpu")))
+    [sample] = gen.generate([SampleRequest(prompt="a red circle moving left on a blue background",
+                                           num_inference_steps=2)])
+    assert sample.frames.shape == (17, 32, 32, 3)
