@@ -39,3 +39,8 @@ def write_sample(storage: Storage, sample, encoding: VideoEncoding) -> SampleSta
     storage.write_parquet(stats_path(r.id), to_table([stats]))
     return stats
 
+
+
+def write_failure(storage: Storage, stats: SampleStats) -> None:
+    """Record a sample that failed for good (status 'failed', error set); a rerun retries it."""
+    storage.write_parquet(stats_path(stats.id), to_table([stats]))

@@ -118,12 +118,18 @@ def _heads_to_seq(x: torch.Tensor, u: int, group) -> torch.Tensor:
     return recv.permute(1, 2, 0, 3, 4).reshape(b, un // u, u * hu, d)
 
 
+def all_gather_tensor(output: torch.Tensor, input: torch.Tensor, group=None) -> None:
+    """All-gather into one tensor (dim 0 concatenated), by whichever name this torch has."""
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    fn(output, input, group=group)
+
+
 def _gather_heads(x: torch.Tensor, u: int, group) -> torch.Tensor:
     """(B, T, H/u, D) -> (B, T, H, D): every rank's heads, in rank order (one all-gather)."""
     b, t, hu, d = x.shape
-    recv = torch.empty((u, b, t, hu, d), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(recv, x.contiguous(), group=group)
-    return recv.permute(1, 2, 0, 3, 4).reshape(b, t, u * hu, d)
+    recv = torch.empty((u * b, t, hu, d), dtype=x.dtype, device=x.device)  # gloo wants dim 0 concatenated
+    all_gather_tensor(recv, x.contiguous(), group=group)
+    return recv.view(u, b, t, hu, d).permute(1, 2, 0, 3, 4).reshape(b, t, u * hu, d)
 
 
 # --- ring ---------------------------------------------------------------------------------

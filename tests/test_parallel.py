@@ -1,0 +1,222 @@
+"""Sequence parallelism (Ulysses, ring, both) on the bundled tiny HunyuanVideo, gloo on 127.0.0.1.
+
+Each world size is one `spawn_local` launch whose ranks run every scenario under every
+layout and return their results; the single-process results come from this process. The
+tiny transformer has 4 heads, 2 double + 4 single blocks; 32x32x17 is 320 video tokens,
+prompts are padded to 16 text tokens (the two prompts have different lengths).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pipeline.config import InvalidRequest
+from pipeline.parallel import ParallelConfig, create_groups, spawn_local
+from pipeline.parallel.comm import transformer_comm_bytes
+from speca import SpeCaConfig
+
+PROMPTS = ["a red circle moving left on a blue background", "a square"]  # 10 and 3 tokens
+TEMPLATE = {"template": "{}", "crop_start": 0}
+STEPS = 8
+INF = math.inf
+SPECA = {  # each accepts some steps; the finite thresholds make decisions depend on the error
+    "lean_inf": SpeCaConfig(cache="lean", warmup_steps=2, max_spec=3, tau0=INF, tau_min=INF),
+    "module_inf": SpeCaConfig(cache="module", warmup_steps=2, max_spec=3, tau0=INF, tau_min=INF),
+    "lean_tau": SpeCaConfig(cache="lean", warmup_steps=2, max_spec=3, tau0=0.02, tau_min=0.02),
+    "module_tau": SpeCaConfig(cache="module", warmup_steps=2, max_spec=3, tau0=0.0035, tau_min=0.0035),
+    "cfg_lean_tau": SpeCaConfig(cache="lean", warmup_steps=2, max_spec=3, tau0=0.02, tau_min=0.02),
+    "odd_module_tau": SpeCaConfig(cache="module", warmup_steps=2, max_spec=3, tau0=0.0035, tau_min=0.0035),
+}
+ALL = ["plain", *SPECA, "odd", "five"]
+LAYOUTS = {2: [(2, 1), (1, 2)], 4: [(2, 2), (4, 1), (1, 4)]}
+FULL_SCENARIOS = {(2, 1), (1, 2), (2, 2)}  # the others run a subset, to keep the file fast
+SUBSET = ["plain", "module_tau", "cfg_lean_tau", "odd", "five"]
+# Direct transformer loops on token counts no degree divides: (frames, height, width) latents.
+ODD_LATENT = {"odd": (3, 3, 5), "odd_module_tau": (3, 3, 5), "five": (1, 1, 5)}  # 45 and 5 tokens
+
+
+def run_scenario(pipe, name: str, sp=None) -> dict:
+    """Latents, SpeCa step patterns and cache bytes of one scenario (sp: this rank's SequenceParallel)."""
+    from speca import apply_speca, disable_speca
+
+    session = None
+    if name in SPECA:
+        reducers = dict(error_reduce=sp.error_reduce, valid_tokens=sp.valid_tokens) if sp is not None else {}
+        target = pipe.transformer if name in ODD_LATENT else pipe
+        session = apply_speca(target, SPECA[name], **reducers)
+    try:
+        if name in ODD_LATENT:
+            if session is not None:
+                session.begin(STEPS)
+            out = _euler(pipe, ODD_LATENT[name])
+        else:
+            extra = dict(negative_prompt="", true_cfg_scale=4.0) if name.startswith("cfg") else {}
+            out = pipe(prompt=PROMPTS, generator=[torch.Generator().manual_seed(i) for i in range(2)], height=32,
+                       width=32, num_frames=17, num_inference_steps=STEPS, prompt_template=TEMPLATE,
+                       max_sequence_length=16, output_type="latent", **extra).frames
+        stats = session.stats() if session is not None else []
+        return {"latents": out, "patterns": [s.step_pattern for s in stats],
+                "cache_bytes": stats[0].cache_bytes if stats else 0}
+    finally:
+        if session is not None:
+            disable_speca(pipe.transformer)
+
+
+@torch.no_grad()
+def _euler(pipe, latent: tuple[int, int, int]) -> torch.Tensor:
+    """A plain Euler flow loop calling the transformer directly (any latent size)."""
+    embeds, pooled, mask = pipe.encode_prompt(prompt=PROMPTS, prompt_template=TEMPLATE, max_sequence_length=16,
+                                              device="cpu")
+    x = torch.randn((2, 16, *latent), generator=torch.Generator().manual_seed(0))
+    for i in range(STEPS):
+        t = 1.0 - i / STEPS
+        v = pipe.transformer(hidden_states=x, timestep=torch.full((2,), t * 1000), encoder_hidden_states=embeds,
+                             encoder_attention_mask=mask, pooled_projections=pooled, return_dict=False)[0]
+        x = x - v / STEPS
+    return x
+
+
+def _worker(rank: int, world: int) -> dict:
+    """One rank: every layout of this world size, every scenario; plus comm counts and error checks."""
+    from pipeline.config import ModelConfig
+    from pipeline.loading import load_pipeline
+    from pipeline.parallel import count_comm, disable_sequence_parallel, enable_sequence_parallel
+
+    pipe = load_pipeline(ModelConfig(device="cpu")).pipe
+    results: dict = {"runs": {}, "comm": {}, "errors": {}}
+    before = run_scenario(pipe, "plain")
+    processors = [b.attn.processor for b in [*pipe.transformer.transformer_blocks,
+                                             *pipe.transformer.single_transformer_blocks]]
+    for u, r in LAYOUTS[world]:
+        sp = enable_sequence_parallel(pipe, ParallelConfig(ulysses_degree=u, ring_degree=r))
+        for name in (ALL if (u, r) in FULL_SCENARIOS else SUBSET):
+            if name == "plain":
+                with count_comm() as counter:
+                    res = run_scenario(pipe, name, sp)
+                results["comm"][(u, r)] = (dict(counter.sent), dict(counter.calls))
+            else:
+                res = run_scenario(pipe, name, sp)
+            results["runs"][(u, r, name)] = res
+        disable_sequence_parallel(pipe)
+    after = run_scenario(pipe, "plain")
+    results["restored"] = torch.equal(before["latents"], after["latents"]) and all(
+        b.attn.processor is p for b, p in zip([*pipe.transformer.transformer_blocks,
+                                              *pipe.transformer.single_transformer_blocks], processors))
+    results["hooks_left"] = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in pipe.transformer.modules())
+    for label, cfg in (("product", ParallelConfig(ulysses_degree=world, ring_degree=2)),
+                      ("heads", ParallelConfig(ulysses_degree=3))):
+        try:
+            enable_sequence_parallel(pipe, cfg)
+            results["errors"][label] = None
+        except ValueError as e:
+            results["errors"][label] = str(e)
+    return results
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model) -> dict:
+    return {name: run_scenario(tiny_model.pipe, name) for name in ALL}
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=["world2", "world4"])
+def world(request) -> tuple[int, list[dict]]:
+    return request.param, spawn_local(_worker, request.param, request.param, timeout=400)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def test_matches_single_process(world, reference):
+    n, ranks = world
+    checked = 0
+    for key, res in ranks[0]["runs"].items():
+        name = key[2]
+        ref = reference[name]
+        for rank in ranks:
+            other = rank["runs"][key]
+            assert torch.equal(other["latents"], res["latents"]), f"{key}: ranks disagree"
+            assert other["patterns"] == res["patterns"], f"{key}: step patterns differ between ranks"
+        assert _rel(res["latents"], ref["latents"]) <= 1e-5, f"{key}: {_rel(res['latents'], ref['latents'])}"
+        assert res["patterns"] == ref["patterns"], f"{key}: {res['patterns']} vs {ref['patterns']}"
+        checked += 1
+    assert checked == sum(len(ALL if lay in FULL_SCENARIOS else SUBSET) for lay in LAYOUTS[n])
+
+
+def test_speca_scenarios_speculate(reference):
+    """The SpeCa configs accept steps, and the finite thresholds reject some (decisions depend on the error)."""
+    for name in SPECA:
+        patterns = reference[name]["patterns"]
+        assert len(patterns) == 2 and all(len(p) == STEPS and "S" in p for p in patterns), (name, patterns)
+        if "tau" in name:
+            assert any("R" in p for p in patterns), (name, patterns)
+    assert reference["module_tau"]["patterns"][0] != reference["module_tau"]["patterns"][1]  # sub-batched passes
+
+
+def test_padding_token_counts(world, reference):
+    """45 and 5 video tokens do not divide by 2 or 4 (with 5 on 4 ranks, one rank holds padding only)."""
+    n, ranks = world
+    for u, r in LAYOUTS[n]:
+        for name in ("odd", "five"):
+            res = ranks[0]["runs"][(u, r, name)]
+            assert res["latents"].shape == reference[name]["latents"].shape
+            assert _rel(res["latents"], reference[name]["latents"]) <= 1e-5
+
+
+def test_cache_bytes_shrink_with_degree(world, reference):
+    n, ranks = world
+    for layout in FULL_SCENARIOS & set(LAYOUTS[n]):
+        for name in ("lean_inf", "module_inf"):
+            single = reference[name]["cache_bytes"]
+            for rank in ranks:
+                local = rank["runs"][(*layout, name)]["cache_bytes"]
+                # Video shards shrink by n; the replicated 16 text tokens do not.
+                assert 0.8 * n <= single / local <= n, (layout, name, single, local)
+
+
+def test_comm_count_equals_formula(world, tiny_model):
+    n, ranks = world
+    cfg = tiny_model.pipe.transformer.config
+    for u, r in LAYOUTS[n]:
+        expected = transformer_comm_bytes(cfg, video_tokens=320, text_tokens=16, ulysses_degree=u, ring_degree=r,
+                                          dtype_bytes=4, batch=2)
+        for rank in ranks:
+            sent, calls = rank["comm"][(u, r)]
+            assert sent.get("all_to_all_single", 0) == STEPS * expected.all_to_all
+            assert sent.get("isend", 0) == STEPS * expected.ring
+            assert sent.get("all_gather", 0) == STEPS * (expected.text_gather + expected.output_gather)
+            assert sum(sent.values()) == STEPS * expected.total > 0
+            assert "all_reduce" not in sent  # no SpeCa in this run
+
+
+def test_disable_restores_the_model(world):
+    _, ranks = world
+    for rank in ranks:
+        assert rank["restored"]
+        assert rank["hooks_left"] == 0
+
+
+def test_bad_degrees_name_the_field(world):
+    n, ranks = world
+    for rank in ranks:
+        assert "ulysses_degree * ring_degree" in rank["errors"]["product"]
+        assert f"world size ({n})" in rank["errors"]["product"]
+        assert "ulysses_degree" in rank["errors"]["heads"] and "head count (4)" in rank["errors"]["heads"]
+
+
+def test_config_validation():
+    assert ParallelConfig(2, 3).world_size == 6
+    for bad in (dict(ulysses_degree=0), dict(ring_degree=-1), dict(ulysses_degree=1.5), dict(ring_degree=True)):
+        field = next(iter(bad))
+        with pytest.raises(InvalidRequest, match=field) as info:
+            ParallelConfig(**bad)
+        assert info.value.field == field
+    ParallelConfig(ulysses_degree=4).check(24)
+    with pytest.raises(ValueError, match="ulysses_degree=3 is invalid: must divide the attention head count"):
+        ParallelConfig(ulysses_degree=3).check(4)
+    with pytest.raises(ValueError, match=r"ulysses_degree \* ring_degree"):
+        create_groups(ParallelConfig(ring_degree=2))  # no process group here: only degree 1 works
+    assert create_groups(ParallelConfig()).world is None
