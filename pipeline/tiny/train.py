@@ -66,7 +66,7 @@ def _lr(step: int, total: int, peak: float, warmup: int) -> float:
 def _clips(rng: random.Random, n: int, num_frames: int) -> tuple[torch.Tensor, list[str]]:
     """n training clips as (n, 3, T, H, W) in [-1, 1] plus their prompts."""
     specs = [world.sample_spec(rng.randrange(world.EVAL_SEED_BASE)) for _ in range(n)]
-    frames = np.stack([world.render(s)[:num_frames] for s in specs])
+    frames = np.stack([world.render(s, num_frames=num_frames) for s in specs])
     x = torch.from_numpy(frames).float().div(127.5).sub(1.0).permute(0, 4, 1, 2, 3).contiguous()
     return x, [s.prompt for s in specs]
 
@@ -90,11 +90,12 @@ def _vae_loss(vae, x: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, flo
 class _Checkpoint:
     """Small resumable state: a stage name, a step, and module/optimizer state dicts."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, device: str = "cpu"):
         self.path = workdir / "checkpoint.pt"
+        self.device = device
 
     def load(self) -> dict | None:
-        return torch.load(self.path, weights_only=False) if self.path.exists() else None
+        return torch.load(self.path, weights_only=False, map_location=self.device) if self.path.exists() else None
 
     def save(self, state: dict) -> None:
         tmp = self.path.with_suffix(".tmp")
@@ -102,7 +103,7 @@ class _Checkpoint:
         tmp.replace(self.path)
 
 
-def train_vae_stage(vae, cfg: TrainConfig, stage: str, ckpt: _Checkpoint, log, every: int) -> None:
+def train_vae_stage(vae, cfg: TrainConfig, stage: str, ckpt: _Checkpoint, log, every: int, device: str) -> None:
     frames, steps, batch, lr = ((1, cfg.vae_frame_steps, cfg.vae_frame_batch, cfg.vae_lr) if stage == "vae_frame"
                                 else (world.NUM_FRAMES, cfg.vae_clip_steps, cfg.vae_clip_batch, cfg.vae_clip_lr))
     vae.train().requires_grad_(True)
@@ -119,7 +120,7 @@ def train_vae_stage(vae, cfg: TrainConfig, stage: str, ckpt: _Checkpoint, log, e
         for g in opt.param_groups:
             g["lr"] = _lr(step, steps, lr, warmup=max(1, steps // 20))
         x, _ = _clips(rng, batch, frames)
-        loss, psnr = _vae_loss(vae, x, cfg)
+        loss, psnr = _vae_loss(vae, x.to(device), cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -138,7 +139,7 @@ def encode_pool(pipe, cfg: TrainConfig) -> tuple[torch.Tensor, list[str]]:
     latents, prompts = [], []
     for i in tqdm(range(0, cfg.latent_pool, 32), desc="encode", mininterval=5):
         x, p = _clips(rng, min(32, cfg.latent_pool - i), world.NUM_FRAMES)
-        latents.append(pipe.vae.encode(x).latent_dist.mean)
+        latents.append(pipe.vae.encode(x.to(pipe.device)).latent_dist.mean)
         prompts += p
     z = torch.cat(latents)
     scale = float(1.0 / z.std())
@@ -151,7 +152,7 @@ def encode_prompts(pipe, prompts: list[str]) -> dict[str, tuple[torch.Tensor, to
     out = {}
     template = GENERATION_DEFAULTS["prompt_template"]
     for p in sorted(set(prompts) | {""}):
-        emb, pooled, mask = pipe.encode_prompt(prompt=[p], prompt_template=template,
+        emb, pooled, mask = pipe.encode_prompt(prompt=[p], prompt_template=template, device=pipe.device,
                                                max_sequence_length=GENERATION_DEFAULTS["max_sequence_length"])
         out[p] = (emb[0], pooled[0], mask[0])
     return out
@@ -178,13 +179,13 @@ def train_transformer(pipe, cfg: TrainConfig, z: torch.Tensor, prompts: list[str
         for g in opt.param_groups:
             g["lr"] = _lr(step, cfg.dit_steps, cfg.dit_lr, warmup=100 if cfg.dit_steps > 200 else 1)
         idx = torch.randint(len(z), (cfg.dit_batch,), generator=gen)
-        x0 = z[idx]
+        x0 = z[idx.to(z.device)]
         keys = ["" if rng.random() < cfg.prompt_dropout else prompts[i] for i in idx.tolist()]
         emb = torch.stack([text[k][0] for k in keys])
         pooled = torch.stack([text[k][1] for k in keys])
         mask = torch.stack([text[k][2] for k in keys])
-        sigma = torch.sigmoid(torch.randn(cfg.dit_batch, generator=gen))
-        noise = torch.randn(x0.shape, generator=gen)
+        sigma = torch.sigmoid(torch.randn(cfg.dit_batch, generator=gen)).to(z.device)
+        noise = torch.randn(x0.shape, generator=gen).to(z.device)
         s = sigma.view(-1, 1, 1, 1, 1)
         xt = (1 - s) * x0 + s * noise
         pred = model(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=emb,
@@ -222,7 +223,7 @@ Prompts follow the grammar `a <colour> <shape> moving <direction> on a <colour> 
 >= {eval_seed}.
 
 ## Training
-`python -m pipeline.tiny.train` (seed {seed}, {threads} CPU threads, {minutes:.0f} minutes wall):
+`python -m pipeline.tiny.train --device {device}` (seed {seed}, {minutes:.1f} minutes wall on {device_name}):
 ```json
 {config}
 ```
@@ -245,13 +246,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", default=None, help="where to save the trained pipeline (diffusers layout)")
     parser.add_argument("--smoke", action="store_true", help="a few steps of every stage, for CI")
     parser.add_argument("--checkpoint-every", type=int, default=100)
+    parser.add_argument("--device", default="cpu", help="cpu (the reference: ~1 hour on 2 cores) or cuda")
     args = parser.parse_args(argv)
 
     cfg = TrainConfig.smoke() if args.smoke else TrainConfig()
     torch.set_num_threads(cfg.threads)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    ckpt = _Checkpoint(workdir)
+    ckpt = _Checkpoint(workdir, args.device)
     log_file = open(workdir / "log.jsonl", "a")
     t0 = time.time()
 
@@ -259,22 +261,23 @@ def main(argv: list[str] | None = None) -> None:
         log_file.write(json.dumps(rec) + "\n")
         log_file.flush()
 
-    pipe = build_pipeline(cfg.seed)
+    pipe = build_pipeline(cfg.seed).to(args.device)
     state = ckpt.load()
     stage = state["stage"] if state else "vae_frame"
     if stage == "vae_frame":
-        train_vae_stage(pipe.vae, cfg, "vae_frame", ckpt, log, args.checkpoint_every)
+        train_vae_stage(pipe.vae, cfg, "vae_frame", ckpt, log, args.checkpoint_every, args.device)
         torch.save(pipe.vae.state_dict(), workdir / "vae_frame.pt")
         stage = "vae_clip"
     if stage == "vae_clip":
-        train_vae_stage(pipe.vae, cfg, "vae_clip", ckpt, log, args.checkpoint_every)
+        train_vae_stage(pipe.vae, cfg, "vae_clip", ckpt, log, args.checkpoint_every, args.device)
         torch.save(pipe.vae.state_dict(), workdir / "vae.pt")
     else:
-        pipe.vae.load_state_dict(torch.load(workdir / "vae.pt"))
+        pipe.vae.load_state_dict(torch.load(workdir / "vae.pt", map_location=args.device))
 
     z, prompts = encode_pool(pipe, cfg)
     with torch.no_grad():
         x, _ = _clips(random.Random(f"{cfg.seed}-val"), 32, world.NUM_FRAMES)
+        x = x.to(args.device)
         rec = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
         vae_psnr = 10 * math.log10(4.0 / F.mse_loss(rec, x).item())
     log({"stage": "vae_eval", "psnr": vae_psnr, "scaling_factor": pipe.vae.config.scaling_factor})
@@ -289,7 +292,9 @@ def main(argv: list[str] | None = None) -> None:
                          for p in m.parameters()) / 1e6,
             frames=world.NUM_FRAMES, height=world.HEIGHT, width=world.WIDTH,
             held_out=", ".join(f"{c} {s}" for c, s in sorted(world.HELD_OUT_PAIRS)), eval_seed=world.EVAL_SEED_BASE,
-            seed=cfg.seed, threads=cfg.threads, minutes=minutes, config=json.dumps(asdict(cfg), indent=2),
+            seed=cfg.seed, device=args.device, minutes=minutes,
+            device_name=(torch.cuda.get_device_name() if args.device.startswith("cuda")
+                         else f"CPU, {cfg.threads} threads"), config=json.dumps(asdict(cfg), indent=2),
             vae_psnr=vae_psnr, cfg_scale=GENERATION_DEFAULTS["true_cfg_scale"],
             scores="Run `python -m bench.tiny_model` to score this model; its figures are pasted here.")
         save(pipe, args.output, card=card)
