@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pipeline.config import InvalidRequest
-from pipeline.parallel import ParallelConfig, create_groups, spawn_local
+from pipeline.parallel import ParallelConfig, ShardLayout, create_groups, spawn_local
 from pipeline.parallel.comm import transformer_comm_bytes
 from speca import SpeCaConfig
 
@@ -35,6 +35,11 @@ LAYOUTS = {2: [(2, 1), (1, 2)], 4: [(2, 2), (4, 1), (1, 4)]}
 FULL_SCENARIOS = {(2, 1), (1, 2), (2, 2)}  # the others run a subset, to keep the file fast
 SUBSET = ["plain", "module_tau", "cfg_lean_tau", "odd", "five"]
 # Direct transformer loops on token counts no degree divides: (frames, height, width) latents.
+# Imported once by the launcher's forkserver, so each launch skips seconds of imports per rank.
+PRELOAD = ["pipeline.loading", "diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video",
+           "diffusers.models.transformers.transformer_hunyuan_video",
+           "diffusers.models.autoencoders.autoencoder_kl_hunyuan_video",
+           "transformers.models.llama.modeling_llama", "transformers.models.clip.modeling_clip"]
 ODD_LATENT = {"odd": (3, 3, 5), "odd_module_tau": (3, 3, 5), "five": (1, 1, 5)}  # 45 and 5 tokens
 
 
@@ -58,7 +63,7 @@ def run_scenario(pipe, name: str, sp=None) -> dict:
                        width=32, num_frames=17, num_inference_steps=STEPS, prompt_template=TEMPLATE,
                        max_sequence_length=16, output_type="latent", **extra).frames
         stats = session.stats() if session is not None else []
-        return {"latents": out, "patterns": [s.step_pattern for s in stats],
+        return {"latents": out, "patterns": [s.step_pattern for s in stats], "errors": [s.errors for s in stats],
                 "cache_bytes": stats[0].cache_bytes if stats else 0}
     finally:
         if session is not None:
@@ -123,7 +128,7 @@ def reference(tiny_model) -> dict:
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["world2", "world4"])
 def world(request) -> tuple[int, list[dict]]:
-    return request.param, spawn_local(_worker, request.param, request.param, timeout=400)
+    return request.param, spawn_local(_worker, request.param, request.param, timeout=400, preload=PRELOAD)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -142,6 +147,8 @@ def test_matches_single_process(world, reference):
             assert other["patterns"] == res["patterns"], f"{key}: step patterns differ between ranks"
         assert _rel(res["latents"], ref["latents"]) <= 1e-5, f"{key}: {_rel(res['latents'], ref['latents'])}"
         assert res["patterns"] == ref["patterns"], f"{key}: {res['patterns']} vs {ref['patterns']}"
+        for errs, ref_errs in zip(res["errors"], ref["errors"]):  # SpeCa's errors are global, padding excluded
+            assert errs == pytest.approx(ref_errs, rel=1e-4), key
         checked += 1
     assert checked == sum(len(ALL if lay in FULL_SCENARIOS else SUBSET) for lay in LAYOUTS[n])
 
@@ -205,6 +212,16 @@ def test_bad_degrees_name_the_field(world):
         assert "ulysses_degree * ring_degree" in rank["errors"]["product"]
         assert f"world size ({n})" in rank["errors"]["product"]
         assert "ulysses_degree" in rank["errors"]["heads"] and "head count (4)" in rank["errors"]["heads"]
+
+
+def test_shard_layout():
+    layout = [ShardLayout(45, 4, r) for r in range(4)]
+    assert [(x.local, x.start, x.valid) for x in layout] == [(12, 0, 12), (12, 12, 12), (12, 24, 12), (12, 36, 9)]
+    x = torch.arange(45.0).reshape(1, 45, 1)
+    parts = [x_.shard(x, 1) for x_ in layout]
+    assert all(p.shape == (1, 12, 1) for p in parts)
+    assert torch.equal(torch.cat(parts, 1)[:, :45], x) and not parts[3][:, 9:].any()
+    assert [ShardLayout(5, 4, r).valid for r in range(4)] == [2, 2, 1, 0]
 
 
 def test_config_validation():

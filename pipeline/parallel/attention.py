@@ -55,12 +55,7 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         bias = None if key_mask is None else _mask_bias(key_mask, q.dtype)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias)
     elif q.device.type == "cuda":
-        bias = None
-        if key_mask is not None:
-            b, h = q.shape[:2]
-            bias = _mask_bias(key_mask, q.dtype, align=16).expand(b, h, nq, key_mask.shape[1])
-        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True)[:2]
-        lse = lse[..., :nq]
+        out, lse = _cuda_attention_lse(q, k, v, key_mask)
     else:  # portable fallback: math in float32, in query tiles
         outs, lses = [], []
         scale = q.shape[-1] ** -0.5
@@ -78,6 +73,29 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         lse = torch.where(valid, lse, float("-inf"))
         out = torch.where(valid[..., None], out, 0)
     return out, lse
+
+
+_CUDNN_OK: bool | None = None  # None: not tried yet
+
+
+def _cuda_attention_lse(q, k, v, key_mask):
+    """cuDNN attention (bf16/fp16) where it runs, else the memory-efficient kernel; both give the lse."""
+    global _CUDNN_OK
+    nq = q.shape[2]
+    b, h = q.shape[:2]
+    bias = None if key_mask is None else _mask_bias(key_mask, q.dtype, align=16).expand(b, h, nq, key_mask.shape[1])
+    if q.dtype in (torch.bfloat16, torch.float16) and _CUDNN_OK is not False:
+        try:
+            out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+                q.contiguous(), k.contiguous(), v.contiguous(), bias, True)[:2]  # cuDNN needs contiguous inputs
+            _CUDNN_OK = True
+            return out, lse.reshape(b, h, nq)  # (B, H, Nq, 1) on newer torch
+        except RuntimeError:
+            if _CUDNN_OK:
+                raise
+            _CUDNN_OK = False
+    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True)[:2]
+    return out, lse[..., :nq]
 
 
 class _LseMerge:

@@ -5,7 +5,8 @@ Stages, each checkpointed so an interrupted run resumes where it stopped:
   2. VAE on full clips (time axis, fresh warm-up and cosine decay);
   3. latent scaling factor, then a pool of encoded training clips;
   4. transformer by flow matching (x_t = (1 - s) x0 + s * noise, target noise - x0, timestep
-     s * 1000, matching `FlowMatchEulerDiscreteScheduler`), 10% prompt dropout for CFG, EMA.
+     s * 1000, matching `FlowMatchEulerDiscreteScheduler`; s drawn with the sampler's flow shift),
+     10% prompt dropout for CFG, EMA.
 The text encoders stay at their seeded random init. `--smoke` runs a few steps of each stage.
 
     python -m pipeline.tiny.train --workdir /tmp/tiny-train --output pipeline/tiny/model
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import world
-from .build import GENERATION_DEFAULTS, build_pipeline, save
+from .build import FLOW_SHIFT, GENERATION_DEFAULTS, build_pipeline, save
 
 
 @dataclass
@@ -48,6 +49,8 @@ class TrainConfig:
     dit_lr: float = 1e-3
     dit_ema: float = 0.998
     prompt_dropout: float = 0.1
+    sigma_uniform: float = 0.5
+    sigma_shift: float = FLOW_SHIFT
     threads: int = 2
 
     @classmethod
@@ -61,6 +64,18 @@ def _lr(step: int, total: int, peak: float, warmup: int) -> float:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return peak * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _sample_sigma(cfg: "TrainConfig", gen: torch.Generator) -> torch.Tensor:
+    """Noise levels as sampling visits them: logit-normal mixed with uniform, then the flow shift.
+
+    A plain logit-normal almost never draws sigma > 0.95, yet those first steps fix the
+    background and the shape's colour; without them the model ignores the prompt there.
+    """
+    n = cfg.dit_batch
+    u = torch.where(torch.rand(n, generator=gen) < cfg.sigma_uniform, torch.rand(n, generator=gen),
+                    torch.sigmoid(torch.randn(n, generator=gen)))
+    return cfg.sigma_shift * u / (1 + (cfg.sigma_shift - 1) * u)
 
 
 def _clips(rng: random.Random, n: int, num_frames: int) -> tuple[torch.Tensor, list[str]]:
@@ -184,7 +199,7 @@ def train_transformer(pipe, cfg: TrainConfig, z: torch.Tensor, prompts: list[str
         emb = torch.stack([text[k][0] for k in keys])
         pooled = torch.stack([text[k][1] for k in keys])
         mask = torch.stack([text[k][2] for k in keys])
-        sigma = torch.sigmoid(torch.randn(cfg.dit_batch, generator=gen)).to(z.device)
+        sigma = _sample_sigma(cfg, gen).to(z.device)
         noise = torch.randn(x0.shape, generator=gen).to(z.device)
         s = sigma.view(-1, 1, 1, 1, 1)
         xt = (1 - s) * x0 + s * noise
