@@ -40,9 +40,9 @@ def adherence(gen: Generator, n: int) -> dict:
     recon = []
     with torch.no_grad():
         for i in range(0, len(truth), 8):
-            x = torch.from_numpy(np.stack(truth[i:i + 8])).float().div(127.5).sub(1).permute(0, 4, 1, 2, 3)
+            x = torch.from_numpy(np.stack(truth[i:i + 8])).float().div(127.5).sub(1).permute(0, 4, 1, 2, 3).to(vae.device)
             y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-            recon += list(((y + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).numpy())
+            recon += list(((y + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy())
     psnr = float(np.mean([10 * np.log10(255.0**2 / max(np.mean((a.astype(float) - b.astype(float)) ** 2), 1e-9))
                           for a, b in zip(truth, recon)]))
     held = [(s.color, s.shape) in world.HELD_OUT_PAIRS for s in specs]
@@ -158,9 +158,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompts", type=int, default=48)
     parser.add_argument("--out", default="bench/results/tiny_model.md")
     parser.add_argument("--videos", help="also write the generated clips as MP4 to this folder")
+    parser.add_argument("--device", default="cpu", help="cpu (the reported figures) or cuda (a quick check)")
     args = parser.parse_args(argv)
 
-    model = load_pipeline(ModelConfig(model=args.model, device="cpu"))
+    model = load_pipeline(ModelConfig(model=args.model, device=args.device))
     adh = adherence(Generator(model), args.prompts)
     spd = speed(model)
     smooth = smoothness(model)
