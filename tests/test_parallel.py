@@ -31,15 +31,15 @@ SPECA = {  # each accepts some steps; the finite thresholds make decisions depen
     "odd_module_tau": SpeCaConfig(cache="module", warmup_steps=2, max_spec=3, tau0=0.0035, tau_min=0.0035),
 }
 ALL = ["plain", *SPECA, "odd", "five"]
-LAYOUTS = {2: [(2, 1), (1, 2)], 4: [(2, 2), (4, 1), (1, 4)]}
+LAYOUTS = {2: [(2, 1), (1, 2)], 3: [(1, 3)], 4: [(2, 2), (4, 1), (1, 4)]}  # 3 ranks: 320 tokens padded
 FULL_SCENARIOS = {(2, 1), (1, 2), (2, 2)}  # the others run a subset, to keep the file fast
 SUBSET = ["plain", "module_tau", "cfg_lean_tau", "odd", "five"]
-# Direct transformer loops on token counts no degree divides: (frames, height, width) latents.
 # Imported once by the launcher's forkserver, so each launch skips seconds of imports per rank.
 PRELOAD = ["pipeline.loading", "diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video",
            "diffusers.models.transformers.transformer_hunyuan_video",
            "diffusers.models.autoencoders.autoencoder_kl_hunyuan_video",
            "transformers.models.llama.modeling_llama", "transformers.models.clip.modeling_clip"]
+# Direct transformer loops on (frames, height, width) latents of token counts 2 and 4 do not divide.
 ODD_LATENT = {"odd": (3, 3, 5), "odd_module_tau": (3, 3, 5), "five": (1, 1, 5)}  # 45 and 5 tokens
 
 
@@ -111,7 +111,7 @@ def _worker(rank: int, world: int) -> dict:
         b.attn.processor is p for b, p in zip([*pipe.transformer.transformer_blocks,
                                               *pipe.transformer.single_transformer_blocks], processors))
     results["hooks_left"] = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in pipe.transformer.modules())
-    for label, cfg in (("product", ParallelConfig(ulysses_degree=world, ring_degree=2)),
+    for label, cfg in (("product", ParallelConfig(ring_degree=2 * world)),
                       ("heads", ParallelConfig(ulysses_degree=3))):
         try:
             enable_sequence_parallel(pipe, cfg)
@@ -126,7 +126,7 @@ def reference(tiny_model) -> dict:
     return {name: run_scenario(tiny_model.pipe, name) for name in ALL}
 
 
-@pytest.fixture(scope="module", params=[2, 4], ids=["world2", "world4"])
+@pytest.fixture(scope="module", params=[2, 3, 4], ids=["world2", "world3", "world4"])
 def world(request) -> tuple[int, list[dict]]:
     return request.param, spawn_local(_worker, request.param, request.param, timeout=400, preload=PRELOAD)
 
@@ -164,7 +164,8 @@ def test_speca_scenarios_speculate(reference):
 
 
 def test_padding_token_counts(world, reference):
-    """45 and 5 video tokens do not divide by 2 or 4 (with 5 on 4 ranks, one rank holds padding only)."""
+    """Video token counts the degree does not divide: 45 and 5 on 2 and 4 ranks (5 on 4: one rank holds
+    only padding), 320 and 5 on 3 ranks (where every pipeline scenario is padded)."""
     n, ranks = world
     for u, r in LAYOUTS[n]:
         for name in ("odd", "five"):
@@ -175,13 +176,14 @@ def test_padding_token_counts(world, reference):
 
 def test_cache_bytes_shrink_with_degree(world, reference):
     n, ranks = world
-    for layout in FULL_SCENARIOS & set(LAYOUTS[n]):
-        for name in ("lean_inf", "module_inf"):
-            single = reference[name]["cache_bytes"]
-            for rank in ranks:
-                local = rank["runs"][(*layout, name)]["cache_bytes"]
-                # Video shards shrink by n; the replicated 16 text tokens do not.
-                assert 0.8 * n <= single / local <= n, (layout, name, single, local)
+    checked = 0
+    for (u, r, name), res in ranks[0]["runs"].items():
+        if name in SPECA and name not in ODD_LATENT:
+            single, local = reference[name]["cache_bytes"], res["cache_bytes"]
+            # Video shards shrink by n; the replicated 16 text tokens do not.
+            assert 0.8 * n <= single / local <= n, ((u, r, name), single, local)
+            checked += 1
+    assert checked >= 2
 
 
 def test_comm_count_equals_formula(world, tiny_model):
@@ -191,7 +193,7 @@ def test_comm_count_equals_formula(world, tiny_model):
         expected = transformer_comm_bytes(cfg, video_tokens=320, text_tokens=16, ulysses_degree=u, ring_degree=r,
                                           dtype_bytes=4, batch=2)
         for rank in ranks:
-            sent, calls = rank["comm"][(u, r)]
+            sent, _calls = rank["comm"][(u, r)]
             assert sent.get("all_to_all_single", 0) == STEPS * expected.all_to_all
             assert sent.get("isend", 0) == STEPS * expected.ring
             assert sent.get("all_gather", 0) == STEPS * (expected.text_gather + expected.output_gather)
@@ -237,3 +239,24 @@ def test_config_validation():
     with pytest.raises(ValueError, match=r"ulysses_degree \* ring_degree"):
         create_groups(ParallelConfig(ring_degree=2))  # no process group here: only degree 1 works
     assert create_groups(ParallelConfig()).world is None
+
+
+def test_init_from_env_single_rank(monkeypatch):
+    from pipeline.parallel import destroy, free_port, init_from_env
+
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(RuntimeError, match="RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT"):
+        init_from_env()
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    assert init_from_env() == torch.device("cpu")
+    try:
+        assert torch.distributed.get_world_size() == 1
+        groups = create_groups(ParallelConfig())
+        assert groups.world is None and groups.ring_ranks == (0,)
+    finally:
+        destroy()
+    assert not torch.distributed.is_initialized()

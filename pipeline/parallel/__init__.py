@@ -12,7 +12,7 @@ parallel attention processor), `shard` (hooks that split and gather the tokens),
 (communication volume: formula and counter).
 """
 
-from .comm import CommBytes, CommCounter, count_comm, step_comm_bytes
+from .comm import CommBytes, CommCounter, count_comm, step_comm_bytes, transformer_comm_bytes
 from .config import ParallelConfig
 from .distributed import (ParallelGroups, create_groups, destroy, free_port, init_distributed, init_from_env,
                           spawn_local)
@@ -22,4 +22,4 @@ from .shard import (SequenceParallel, ShardLayout, disable_sequence_parallel, en
 __all__ = ["CommBytes", "CommCounter", "ParallelConfig", "ParallelGroups", "SequenceParallel", "ShardLayout",
            "count_comm", "create_groups", "destroy", "disable_sequence_parallel", "enable_sequence_parallel",
            "free_port", "get_sequence_parallel", "init_distributed", "init_from_env", "spawn_local",
-           "step_comm_bytes"]
+           "step_comm_bytes", "transformer_comm_bytes"]

@@ -19,7 +19,9 @@ Per attention call, with U = ulysses_degree, R = ring_degree, n local video toke
   * Both: Ulysses inside each group of U consecutive ranks, the ring across groups.
 Without the ring, attention goes through diffusers' `dispatch_attention_fn` with the
 processor's `_attention_backend` (so `set_attention_backend` still applies); the ring needs
-log-sum-exp, taken from PyTorch's fused kernels (`attention_with_lse`).
+each chunk's log-sum-exp, which `attention_with_lse` takes from PyTorch's fused kernels:
+flash on CPU, cuDNN on CUDA in bf16/fp16 (3x the memory-efficient kernel's speed with a mask
+on an H200, see bench/parallel_attention.py), memory-efficient otherwise.
 """
 
 from __future__ import annotations
@@ -75,14 +77,14 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out, lse
 
 
-_CUDNN_OK: bool | None = None  # None: not tried yet
+_CUDNN_OK: bool | None = None  # None: not tried yet; False: failed once, not tried again
 
 
-def _cuda_attention_lse(q, k, v, key_mask):
+def _cuda_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        key_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """cuDNN attention (bf16/fp16) where it runs, else the memory-efficient kernel; both give the lse."""
     global _CUDNN_OK
-    nq = q.shape[2]
-    b, h = q.shape[:2]
+    b, h, nq = q.shape[:3]
     bias = None if key_mask is None else _mask_bias(key_mask, q.dtype, align=16).expand(b, h, nq, key_mask.shape[1])
     if q.dtype in (torch.bfloat16, torch.float16) and _CUDNN_OK is not False:
         try:
@@ -90,12 +92,10 @@ def _cuda_attention_lse(q, k, v, key_mask):
                 q.contiguous(), k.contiguous(), v.contiguous(), bias, True)[:2]  # cuDNN needs contiguous inputs
             _CUDNN_OK = True
             return out, lse.reshape(b, h, nq)  # (B, H, Nq, 1) on newer torch
-        except RuntimeError:
-            if _CUDNN_OK:
-                raise
+        except RuntimeError:  # no cuDNN attention for this build / GPU / shape
             _CUDNN_OK = False
     out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True)[:2]
-    return out, lse[..., :nq]
+    return out, lse[..., :nq]  # its lse rows are padded to a multiple of 32
 
 
 class _LseMerge:

@@ -158,7 +158,7 @@ def spawn_local(fn: Callable[..., Any], world_size: int, *args: Any, threads: in
     """
     import torch.multiprocessing as mp
 
-    if preload:
+    if preload and "forkserver" in mp.get_all_start_methods():
         ctx = mp.get_context("forkserver")
         extra = [] if fn.__module__ == "__main__" else [fn.__module__]
         ctx.set_forkserver_preload([*preload, *extra])  # no effect once its forkserver runs

@@ -36,6 +36,7 @@ exchange in every 3D convolution) would save little of the wall time for much co
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -83,7 +84,13 @@ class ShardLayout:
 
 
 def _arg_names(block) -> list[str]:
-    return list(inspect.signature(type(block).forward).parameters)[1:]  # without self
+    """The block's forward parameter names (positions 0, 1, 3, 4: video, text, mask, rotary)."""
+    return _forward_params(type(block))
+
+
+@functools.cache
+def _forward_params(cls: type) -> list[str]:
+    return list(inspect.signature(cls.forward).parameters)[1:]  # without self
 
 
 class SequenceParallel:
@@ -198,6 +205,12 @@ def enable_sequence_parallel(target, config: ParallelConfig, groups: ParallelGro
     `target` is a HunyuanVideo pipeline or transformer; `groups` defaults to
     `create_groups(config)` (needs an initialized default group when the degree is > 1).
     The model's output is the full tensor on every rank.
+
+    Example (every rank, e.g. under torchrun after `init_from_env()`):
+        >>> sp = enable_sequence_parallel(pipe, ParallelConfig(ulysses_degree=2, ring_degree=2))
+        >>> session = apply_speca(pipe, SpeCaConfig(), error_reduce=sp.error_reduce, valid_tokens=sp.valid_tokens)
+        >>> latents = pipe(prompt=..., generator=torch.Generator().manual_seed(0), output_type="latent").frames
+        >>> disable_sequence_parallel(pipe)
     """
     transformer = _resolve(target)
     if getattr(transformer, "_sequence_parallel", None) is not None:
