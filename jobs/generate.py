@@ -28,6 +28,7 @@ import pyarrow as pa
 
 from pipeline.config import InvalidRequest
 from pipeline.generate import add_model_arguments, model_config_from_args, speca_config_from_args
+from pipeline.parallel.config import ParallelConfig
 from pipeline.loading import read_model_info
 from pipeline.stats import STATS_SCHEMA, SampleStats
 from pipeline.storage import Storage, StorageError
@@ -80,6 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parallel_for(args, info) -> ParallelConfig:
+    """Degrees for K ranks per replica: given ones must multiply to K; default all-Ulysses, else ring."""
+    k = args.ranks_per_replica
+    if (args.ulysses_degree, args.ring_degree) == (1, 1) and k > 1:
+        heads = int(info.transformer_config["num_attention_heads"])
+        parallel = ParallelConfig(ulysses_degree=k) if heads % k == 0 else ParallelConfig(ring_degree=k)
+    else:
+        parallel = ParallelConfig(ulysses_degree=args.ulysses_degree, ring_degree=args.ring_degree)
+    parallel.check_world(k)
+    parallel.check(int(info.transformer_config["num_attention_heads"]))
+    return parallel
+
+
 def _versions() -> dict:
     import diffusers
     import ray
@@ -129,11 +143,11 @@ def _init_ray(address: str | None) -> None:
 class ReplicaPool:
     """R replicas, each in its own STRICT_PACK placement group of K bundles; restarts dead ones."""
 
-    def __init__(self, args, model: dict, speca: dict | None, run_tag: str):
+    def __init__(self, args, model: dict, speca: dict | None, parallel: dict, run_tag: str):
         import ray
         from ray.util.placement_group import placement_group
 
-        self.args, self.model, self.speca = args, model, speca
+        self.args, self.model, self.speca, self.parallel = args, model, speca, parallel
         gpus = args.gpus_per_rank
         if gpus is None:
             gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
@@ -160,7 +174,8 @@ class ReplicaPool:
             name=self.names[i], num_cpus=self.args.cpus_per_rank, num_gpus=self.gpus, max_concurrency=2,
             max_restarts=0, scheduling_strategy=PlacementGroupSchedulingStrategy(
                 self.groups[i], placement_group_bundle_index=0, placement_group_capture_child_tasks=True),
-        ).remote(self.model, self.speca, self.args.output, self.args.storage_options, self.args.fps, self.args.crf)
+        ).remote(self.model, self.speca, self.args.output, self.args.storage_options, self.args.fps, self.args.crf,
+                 self.parallel, self.bundle)
 
     def restart(self, i: int) -> None:
         import ray
@@ -215,11 +230,11 @@ class Scheduler:
         self.inflight: dict = {}  # ObjectRef -> (replica index, Work)
         self.failed: list[SampleStats] = []
 
-    def run(self, work: list[Work], model_config, speca) -> None:
+    def run(self, work: list[Work], model_config, speca, parallel: ParallelConfig) -> None:
         import ray
 
         self.queue.extend(work)
-        pool = ReplicaPool(self.args, asdict(model_config), speca.to_dict() if speca else None,
+        pool = ReplicaPool(self.args, asdict(model_config), speca.to_dict() if speca else None, asdict(parallel),
                            run_tag=str(os.getpid()))
         try:
             while self.queue or self.inflight:
@@ -282,9 +297,7 @@ def run(args) -> int:
             raise InvalidRequest("replicas/ranks-per-replica/batch-size/max-attempts",
                                  (args.replicas, args.ranks_per_replica, args.batch_size, args.max_attempts),
                                  "must all be >= 1")
-        if args.ranks_per_replica > 1:
-            raise InvalidRequest("ranks-per-replica", args.ranks_per_replica,
-                                 "sequence-parallel replicas (K > 1) are not available yet; use 1")
+        parallel = _parallel_for(args, info)
     except (InvalidRequest, ValueError, StorageError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -303,7 +316,7 @@ def run(args) -> int:
     scheduler = Scheduler(args, storage, info, progress)
     if todo:
         _init_ray(args.address)
-        scheduler.run(_batches(todo, args.batch_size), model_config, speca)
+        scheduler.run(_batches(todo, args.batch_size), model_config, speca, parallel)
     failed = scheduler.failed
     progress.update(force=True)
     if failed:
@@ -316,6 +329,7 @@ def run(args) -> int:
         "manifest": manifest.source, "output": storage.url, "model": info.model,
         "config": {"model": asdict(model_config), "speca": speca.to_dict() if speca else None,
                    "replicas": args.replicas, "ranks_per_replica": args.ranks_per_replica,
+                   "parallel": asdict(parallel),
                    "batch_size": args.batch_size, "max_attempts": args.max_attempts, "fps": args.fps,
                    "crf": args.crf, "overwrite": args.overwrite},
         "versions": _versions(),

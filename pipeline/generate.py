@@ -1,6 +1,7 @@
 """Generation in one process: requests in, frames and stats out; and the one-off CLI.
 
     python -m pipeline.generate --prompt "a red circle moving left on a blue background" --output ./outputs
+    torchrun --nproc-per-node 4 -m pipeline.generate --ulysses-degree 2 --ring-degree 2 --prompt ... --output ...
 
 `Generator` is the engine (model + SpeCa) used by the CLI here and by the Ray job's replicas.
 It batches samples that share shape, steps and guidance, seeds each sample's noise with its own
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import time
@@ -26,27 +28,43 @@ from speca.flops import num_blocks, step_flops
 
 from .config import InvalidRequest, ModelConfig, SampleRequest
 from .loading import LoadedModel, load_pipeline
+from .parallel.config import ParallelConfig
 from .stats import SampleStats
 
 
 @dataclass
 class GeneratedSample:
     request: SampleRequest  # resolved: every field set
-    frames: np.ndarray  # (T, H, W, 3) uint8
+    frames: np.ndarray | None  # (T, H, W, 3) uint8; None on ranks > 0 of a sequence-parallel group
     stats: SampleStats
 
 
 class Generator:
-    """A loaded model with an optional SpeCa config; turns requests into frames and stats."""
+    """A loaded model with optional SpeCa and sequence parallelism; turns requests into frames and stats.
 
-    def __init__(self, model: LoadedModel, speca: SpeCaConfig | None = None, error_reduce=None):
+    Under sequence parallelism every rank runs `generate` on the same requests (the transformer's
+    collectives keep them in step); only rank 0 decodes, so other ranks return frames=None.
+    """
+
+    def __init__(self, model: LoadedModel, speca: SpeCaConfig | None = None, parallel=None):
         self.model = model
         self.speca = speca
-        self.session = apply_speca(model.pipe, speca, error_reduce=error_reduce) if speca is not None else None
+        self.parallel = parallel
+        self.decodes = parallel is None or parallel.rank == 0
+        reducers = dict(error_reduce=parallel.error_reduce, valid_tokens=parallel.valid_tokens) if parallel else {}
+        self.session = apply_speca(model.pipe, speca, **reducers) if speca is not None else None
 
     @classmethod
-    def load(cls, model_config: ModelConfig = ModelConfig(), speca: SpeCaConfig | None = None) -> "Generator":
-        return cls(load_pipeline(model_config), speca)
+    def load(cls, model_config: ModelConfig = ModelConfig(), speca: SpeCaConfig | None = None,
+             parallel: ParallelConfig = ParallelConfig(), groups=None) -> "Generator":
+        """Load the model; with a parallel config of world size > 1, shard it over the process group."""
+        model = load_pipeline(model_config)
+        sp = None
+        if parallel.world_size > 1:
+            from .parallel import enable_sequence_parallel
+
+            sp = enable_sequence_parallel(model.pipe, parallel, groups)
+        return cls(model, speca, sp)
 
     def close(self) -> None:
         if self.session is not None:
@@ -65,7 +83,8 @@ class Generator:
 
     def config_record(self) -> dict:
         return {"model": asdict(self.model.config), "speca": self.speca.to_dict() if self.speca else None,
-                "dtype": str(self.model.dtype).removeprefix("torch."), "device": self.model.device}
+                "dtype": str(self.model.dtype).removeprefix("torch."), "device": self.model.device,
+                "parallel": asdict(self.parallel.config) if self.parallel else None}
 
     def generate(self, requests: list[SampleRequest], batch_size: int = 8) -> list[GeneratedSample]:
         """Generate every request; samples that can share a batch are batched up to `batch_size`."""
@@ -105,7 +124,7 @@ class Generator:
             **({"prompt_template": defaults.prompt_template} if defaults.prompt_template is not None else {}),
         )[0]
         t2 = time.perf_counter()
-        frames = self.decode(latents)
+        frames = self.decode(latents) if self.decodes else [None] * len(batch)
         t3 = time.perf_counter()
 
         speca_stats = self.session.stats() if self.session is not None else None
@@ -178,11 +197,18 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--speca-cache", choices=["module", "lean"], help="override the preset's cache granularity")
     s.add_argument("--speca-tau0", type=float, help="override the preset's initial threshold")
     s.add_argument("--speca-max-spec", type=int, help="override the preset's maximum speculative run")
+    p = parser.add_argument_group("sequence parallelism (ranks = ulysses x ring)")
+    p.add_argument("--ulysses-degree", type=int, default=1, help="all-to-all (head-sharded) degree")
+    p.add_argument("--ring-degree", type=int, default=1, help="ring attention degree")
 
 
 def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
     return ModelConfig(model=args.model, device=args.device, dtype=args.dtype,
                        attention_backend=args.attention_backend, vae_tiling=args.vae_tiling)
+
+
+def parallel_config_from_args(args: argparse.Namespace) -> ParallelConfig:
+    return ParallelConfig(ulysses_degree=args.ulysses_degree, ring_degree=args.ring_degree)
 
 
 def speca_config_from_args(args: argparse.Namespace) -> SpeCaConfig | None:
@@ -225,16 +251,27 @@ def main(argv: list[str] | None = None) -> int:
                     for p, s in zip(args.prompt, seeds)]
         model_config = model_config_from_args(args)
         speca = speca_config_from_args(args)
+        parallel = parallel_config_from_args(args)
+        if parallel.world_size > 1:  # under torchrun: one process per rank
+            from .parallel import init_from_env
+
+            device = init_from_env()
+            parallel.check_world(int(os.environ["WORLD_SIZE"]))
+            if model_config.device == "auto":
+                model_config = replace(model_config, device=str(device))
         storage = Storage(args.output)
         storage.check()
-        gen = Generator.load(model_config, speca)
+        gen = Generator.load(model_config, speca, parallel)
         requests = gen.prepare(requests)
         encoding = VideoEncoding(fps=args.fps or gen.model.info.defaults.fps, crf=args.crf)
     except (InvalidRequest, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not gen.decodes:  # a sequence-parallel rank > 0: denoise in step with rank 0, write nothing
+        gen.generate(requests, batch_size=args.batch_size)
+        return 0
     print(f"generating {len(requests)} video(s) with {gen.model.info.model} on {gen.model.device} "
-          f"(SpeCa: {args.speca})", file=sys.stderr)
+          f"(SpeCa: {args.speca}, ranks: {parallel.world_size})", file=sys.stderr)
     for sample in gen.generate(requests, batch_size=args.batch_size):
         stats = write_sample(storage, sample, encoding)
         print(f"{stats.video}  steps {stats.step_pattern}  FLOPs x{1 / stats.flops_ratio:.2f} less  "

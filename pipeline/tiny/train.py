@@ -20,7 +20,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -148,8 +148,8 @@ def train_vae_stage(vae, cfg: TrainConfig, stage: str, ckpt: _Checkpoint, log, e
 
 
 @torch.no_grad()
-def encode_pool(pipe, cfg: TrainConfig) -> tuple[torch.Tensor, list[str]]:
-    """Encode a pool of training clips (posterior means) and set the VAE's scaling factor."""
+def encode_pool(pipe, cfg: TrainConfig, rescale: bool = True) -> tuple[torch.Tensor, list[str]]:
+    """Encode a pool of training clips (posterior means); set the VAE's scaling factor unless kept."""
     rng = random.Random(f"{cfg.seed}-pool")
     latents, prompts = [], []
     for i in tqdm(range(0, cfg.latent_pool, 32), desc="encode", mininterval=5):
@@ -157,9 +157,9 @@ def encode_pool(pipe, cfg: TrainConfig) -> tuple[torch.Tensor, list[str]]:
         latents.append(pipe.vae.encode(x.to(pipe.device)).latent_dist.mean)
         prompts += p
     z = torch.cat(latents)
-    scale = float(1.0 / z.std())
-    pipe.vae.register_to_config(scaling_factor=scale)
-    return z * scale, prompts
+    if rescale:
+        pipe.vae.register_to_config(scaling_factor=float(1.0 / z.std()))
+    return z * pipe.vae.config.scaling_factor, prompts
 
 
 @torch.no_grad()
@@ -262,9 +262,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true", help="a few steps of every stage, for CI")
     parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument("--device", default="cpu", help="cpu (the reference: ~1 hour on 2 cores) or cuda")
+    parser.add_argument("--init-from", help="a trained model folder: skip the VAE, continue its transformer")
+    parser.add_argument("--dit-steps", type=int, help="override the transformer steps")
+    parser.add_argument("--dit-lr", type=float, help="override the transformer peak learning rate")
     args = parser.parse_args(argv)
 
     cfg = TrainConfig.smoke() if args.smoke else TrainConfig()
+    cfg = replace(cfg, **{k: v for k, v in (("dit_steps", args.dit_steps), ("dit_lr", args.dit_lr)) if v is not None})
     torch.set_num_threads(cfg.threads)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -276,9 +280,18 @@ def main(argv: list[str] | None = None) -> None:
         log_file.write(json.dumps(rec) + "\n")
         log_file.flush()
 
-    pipe = build_pipeline(cfg.seed).to(args.device)
+    if args.init_from:
+        # Continue the transformer of a trained model: keep its VAE, text encoders and scaling.
+        from diffusers import HunyuanVideoPipeline
+
+        pipe = HunyuanVideoPipeline.from_pretrained(args.init_from).to(args.device)
+        for m in (pipe.vae, pipe.transformer, pipe.text_encoder, pipe.text_encoder_2):
+            m.eval().requires_grad_(False)
+        torch.save(pipe.vae.state_dict(), workdir / "vae.pt")
+    else:
+        pipe = build_pipeline(cfg.seed).to(args.device)
     state = ckpt.load()
-    stage = state["stage"] if state else "vae_frame"
+    stage = state["stage"] if state else ("dit" if args.init_from else "vae_frame")
     if stage == "vae_frame":
         train_vae_stage(pipe.vae, cfg, "vae_frame", ckpt, log, args.checkpoint_every, args.device)
         torch.save(pipe.vae.state_dict(), workdir / "vae_frame.pt")
@@ -289,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         pipe.vae.load_state_dict(torch.load(workdir / "vae.pt", map_location=args.device))
 
-    z, prompts = encode_pool(pipe, cfg)
+    z, prompts = encode_pool(pipe, cfg, rescale=not args.init_from)
     with torch.no_grad():
         x, _ = _clips(random.Random(f"{cfg.seed}-val"), 32, world.NUM_FRAMES)
         x = x.to(args.device)
