@@ -128,16 +128,20 @@ def _batches(entries: list[ManifestEntry], batch_size: int) -> list[Work]:
     return [Work(g[i:i + batch_size]) for g in groups.values() for i in range(0, len(g), batch_size)]
 
 
-def _init_ray(address: str | None) -> None:
+def _init_ray(address: str | None) -> bool:
+    """Connect to Ray; returns True when this call started a local Ray (to shut down after)."""
     import ray
 
+    if ray.is_initialized():
+        return False
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=True)
-        return
+        return False
     # A laptop run: keep Ray on loopback; a new local Ray turns on token auth by itself.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.init(namespace=NAMESPACE, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
+    return True
 
 
 class ReplicaPool:
@@ -164,6 +168,10 @@ class ReplicaPool:
                 f"{args.ranks_per_replica} x {self.bundle} on one node each; cluster has {ray.cluster_resources()}. "
                 f"Lower --replicas / --ranks-per-replica or add nodes") from None
         self.actors = [self._start(i) for i in range(args.replicas)]
+        self.placements = ray.get([a.info.remote() for a in self.actors])  # waits for the models to load
+        for i, p in enumerate(self.placements):
+            print(f"[jobs.generate] replica {i}: {p['ranks']} rank(s) on node {p['node_ip']} "
+                  f"({p['node_id'][:8]}), {p['device']}", file=sys.stderr, flush=True)
 
     def _start(self, i: int):
         import ray
@@ -229,6 +237,7 @@ class Scheduler:
         self.queue: deque[Work] = deque()
         self.inflight: dict = {}  # ObjectRef -> (replica index, Work)
         self.failed: list[SampleStats] = []
+        self.placements: list[dict] = []
 
     def run(self, work: list[Work], model_config, speca, parallel: ParallelConfig) -> None:
         import ray
@@ -236,6 +245,7 @@ class Scheduler:
         self.queue.extend(work)
         pool = ReplicaPool(self.args, asdict(model_config), speca.to_dict() if speca else None, asdict(parallel),
                            run_tag=str(os.getpid()))
+        self.placements = pool.placements
         try:
             while self.queue or self.inflight:
                 self._submit(pool)
@@ -315,8 +325,14 @@ def run(args) -> int:
 
     scheduler = Scheduler(args, storage, info, progress)
     if todo:
-        _init_ray(args.address)
-        scheduler.run(_batches(todo, args.batch_size), model_config, speca, parallel)
+        started_ray = _init_ray(args.address)
+        try:
+            scheduler.run(_batches(todo, args.batch_size), model_config, speca, parallel)
+        finally:
+            if started_ray:
+                import ray
+
+                ray.shutdown()
     failed = scheduler.failed
     progress.update(force=True)
     if failed:
@@ -335,6 +351,7 @@ def run(args) -> int:
         "versions": _versions(),
         "counts": {"rows_valid": len(manifest.entries), "rows_rejected": len(manifest.rejected),
                    "resumed_done": skipped, "generated": generated, "failed": len(failed)},
+        "replicas": scheduler.placements,
         "wall_seconds": wall, "samples_per_hour": generated / wall * 3600 if wall > 0 else 0.0,
     }
     storage.write_bytes("run.json", (json.dumps(record, indent=2) + "\n").encode())

@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass, field
 
 import pyarrow as pa
-import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 from pipeline.config import InvalidRequest, SampleRequest
 from pipeline.loading import ModelInfo
@@ -81,7 +81,9 @@ def read_table(url: str, storage_options: dict | None = None) -> pa.Table:
             files = sorted(p for p in fs.glob(path + "*") if p.endswith(".parquet") and fs.isfile(p))
     if not files:
         raise FileNotFoundError(f"no Parquet manifest at {url}")
-    return pads.dataset(files, filesystem=fs, format="parquet").to_table()
+    # Files may differ in optional columns: unify them (missing ones become nulls).
+    tables = [pq.read_table(f, filesystem=fs) for f in files]
+    return pa.concat_tables(tables, promote_options="permissive")
 
 
 def _coerce(name: str, value):

@@ -70,7 +70,8 @@ class Replica:
 
     def info(self) -> dict:
         return {"pid": os.getpid(), "host": socket.gethostname(), "node_ip": _node_ip(),
-                "device": self.generator.model.device}
+                "node_id": ray.get_runtime_context().get_node_id(), "device": self.generator.model.device,
+                "ranks": 1 + len(self.workers)}
 
     def run(self, batch: list[dict]) -> list[dict]:
         """Generate and commit a batch; items are {"request": {...}, "extra": {...}}; returns stats rows."""
