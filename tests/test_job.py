@@ -1,0 +1,184 @@
+"""The Ray batch job end to end, on 127.0.0.1 only: real Ray (token auth), moto S3, real MP4s."""
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pyarrow as pa
+import pytest
+
+from jobs.generate import NAMESPACE, main
+from pipeline.parallel import free_port
+from pipeline.stats import from_table
+from pipeline.storage import Storage
+from pipeline.video_io import decode_mp4
+
+P = ["a red circle moving left on a blue background", "a green square moving up on a black background",
+     "a white triangle standing still on a red background", "a yellow circle moving down on a green background"]
+FAST = ["--speca", "default", "--batch-size", "2"]
+
+
+def _manifest(storage: Storage, rows: list[dict], name="prompts.parquet") -> str:
+    storage.write_parquet(name, pa.Table.from_pylist(rows))
+    return storage.url_for(name)
+
+
+def _rows(n, steps=3):
+    return [{"prompt": P[i % 4], "seed": i, "num_inference_steps": steps, "team": f"t{i}"} for i in range(n)]
+
+
+def _outputs(storage: Storage):
+    stats = [s for p in storage.list("stats") for s in from_table(storage.read_parquet(p))]
+    videos = storage.list("videos")
+    return stats, videos
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray on 127.0.0.1 (token auth) shared by the in-process job runs below."""
+    import ray
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(num_cpus=2, namespace=NAMESPACE, include_dashboard=False, _node_ip_address="127.0.0.1")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A real Ray head on 127.0.0.1 with token auth, stopped afterwards."""
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(16), "OMP_NUM_THREADS": "1"}
+    port, dash = free_port(), free_port()
+    subprocess.run(["ray", "start", "--head", "--num-cpus", "2", "--node-ip-address", "127.0.0.1",
+                    "--port", str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+                    "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=120)
+    try:
+        yield env, f"http://127.0.0.1:{dash}"
+    finally:
+        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_ray_job_submit_with_manifest_and_outputs_on_s3(ray_head, s3_bucket, s3_endpoint):
+    env, dashboard = ray_head
+    storage = Storage(f"{s3_bucket}/data", storage_options={"endpoint_url": s3_endpoint})
+    rows = _rows(3) + [{"prompt": "", "seed": 1}, {"prompt": P[0], "height": 30}]
+    manifest = _manifest(storage, rows)
+    out_url = f"{s3_bucket}/run-1"
+    runtime_env = {"env_vars": {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                                          "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION")}}
+    runtime_env["env_vars"]["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run(
+        ["ray", "job", "submit", "--address", dashboard, "--runtime-env-json", json.dumps(runtime_env), "--",
+         sys.executable, "-m", "jobs.generate", "--manifest", manifest, "--output", out_url,
+         "--storage-options", json.dumps({"endpoint_url": s3_endpoint}), *FAST],
+        env=env, capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert "rejected rows (errors/manifest.parquet)  2" in log, log[-3000:]
+    out = Storage(out_url, storage_options={"endpoint_url": s3_endpoint})
+    stats, videos = _outputs(out)
+    assert sorted(s.id for s in stats) == sorted(v[len("videos/"):-4] for v in videos)
+    assert len(stats) == 3 and all(s.status == "ok" for s in stats)
+    assert sorted(json.loads(s.extra_json)["team"] for s in stats) == ["t0", "t1", "t2"]
+    for v in videos:
+        assert decode_mp4(out.read_bytes(v)).frames.shape == (17, 32, 32, 3)
+    errors = out.read_parquet("errors/manifest.parquet").to_pylist()
+    assert sorted((e["row"], e["field"]) for e in errors) == [(3, "prompt"), (4, "height")]
+    run = json.loads(out.read_bytes("run.json"))
+    assert run["counts"] == {"rows_valid": 3, "rows_rejected": 2, "resumed_done": 0, "generated": 3, "failed": 0}
+    assert run["versions"]["ray"] and run["config"]["speca"]["cache"] == "lean"
+
+
+def test_killed_replica_is_restarted_and_nothing_is_lost_or_duplicated(local_ray, tmp_path, capfd):
+    out = tmp_path / "out"
+    storage = Storage(str(tmp_path / "in"))
+    manifest = _manifest(storage, _rows(6))
+    killed = {}
+
+    def killer():
+        import ray
+
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if (out / "stats").exists() and len(list((out / "stats").iterdir())) >= 2:
+                actor = ray.get_actor(f"replica-{os.getpid()}-0", namespace=NAMESPACE)
+                killed["pid"] = ray.get(actor.info.remote())["pid"]
+                os.kill(killed["pid"], signal.SIGKILL)
+                return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    code = main(["--manifest", manifest, "--output", str(out), "--batch-size", "1", "--speca", "off"])
+    thread.join(timeout=5)
+    assert code == 0 and "pid" in killed
+    assert "replica 0 died" in capfd.readouterr().err
+    stats, videos = _outputs(Storage(str(out)))
+    assert len(stats) == 6 == len(videos) == len({s.id for s in stats}) and all(s.status == "ok" for s in stats)
+    run = json.loads((out / "run.json").read_text())
+    assert run["counts"]["generated"] == 6 and run["counts"]["failed"] == 0
+
+
+def test_rerun_generates_only_what_is_missing(local_ray, tmp_path):
+    out = tmp_path / "out"
+    manifest = _manifest(Storage(str(tmp_path / "in")), _rows(4))
+    args = ["--manifest", manifest, "--output", str(out), *FAST]
+    assert main(args) == 0
+    stats_files = sorted((out / "stats").iterdir())
+    video_files = sorted((out / "videos").iterdir())
+    kept = {p: p.stat().st_mtime_ns for p in video_files[2:]}
+    # An interrupted run: one sample never committed, one crashed between its video and its stats.
+    stats_files[0].unlink()
+    video_files[0].unlink()
+    stats_files[1].unlink()
+    assert main(args) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["counts"]["resumed_done"] == 2 and run["counts"]["generated"] == 2
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items())  # done videos were not rewritten
+    stats, videos = _outputs(Storage(str(out)))
+    assert len(stats) == 4 == len(videos) == len({s.id for s in stats})
+    assert main(args + ["--overwrite"]) == 0
+    assert json.loads((out / "run.json").read_text())["counts"]["generated"] == 4
+
+
+def test_k2_sequence_parallel_replica_matches_k1(local_ray, tmp_path):
+    import numpy as np
+
+    manifest = _manifest(Storage(str(tmp_path / "in")), _rows(2, steps=6))  # steps 3+ speculate
+    common = ["--manifest", manifest, "--crf", "0", *FAST]
+    assert main(common + ["--output", str(tmp_path / "k1")]) == 0
+    assert main(common + ["--output", str(tmp_path / "k2"), "--ranks-per-replica", "2"]) == 0
+    a, b = Storage(str(tmp_path / "k1")), Storage(str(tmp_path / "k2"))
+    sa = {s.id: s for s in _outputs(a)[0]}
+    sb = {s.id: s for s in _outputs(b)[0]}
+    assert set(sa) == set(sb) and len(sa) == 2
+    for i in sa:
+        assert sa[i].step_pattern == sb[i].step_pattern
+        fa = decode_mp4(a.read_bytes(f"videos/{i}.mp4")).frames.astype(int)
+        fb = decode_mp4(b.read_bytes(f"videos/{i}.mp4")).frames.astype(int)
+        assert np.abs(fa - fb).max() <= 2  # latents agree to 1e-5 (tests/test_parallel.py)
+    assert json.loads((tmp_path / "k2" / "run.json").read_text())["replicas"][0]["ranks"] == 2
+
+
+def test_replicas_spread_over_two_nodes(tmp_path):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1"})
+    cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+    try:
+        manifest = _manifest(Storage(str(tmp_path / "in")), _rows(4))
+        code = main(["--manifest", manifest, "--output", str(tmp_path / "out"), "--replicas", "2",
+                     "--address", cluster.address, *FAST])
+        assert code == 0
+        run = json.loads((tmp_path / "out" / "run.json").read_text())
+        assert len({r["node_id"] for r in run["replicas"]}) == 2
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
