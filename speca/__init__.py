@@ -5,6 +5,8 @@ it to diffusers' HunyuanVideo transformer through hooks.
 """
 
 from .config import PRESETS, SpeCaConfig
-from .hunyuan_video import SampleSpeCaStats, SpeCaSession, apply_speca, disable_speca, get_session
+from .hunyuan_video import (SampleSpeCaStats, SpeCaSession, apply_speca, disable_speca, estimate_cache_bytes,
+                            get_session)
 
-__all__ = ["PRESETS", "SampleSpeCaStats", "SpeCaConfig", "SpeCaSession", "apply_speca", "disable_speca", "get_session"]
+__all__ = ["PRESETS", "SampleSpeCaStats", "SpeCaConfig", "SpeCaSession", "apply_speca", "disable_speca",
+           "estimate_cache_bytes", "get_session"]

@@ -381,3 +381,21 @@ def disable_speca(target) -> None:
 def get_session(target) -> SpeCaSession | None:
     transformer, _ = _resolve(target)
     return getattr(transformer, "_speca_session", None)
+
+
+def estimate_cache_bytes(transformer_config: dict, config: SpeCaConfig, video_tokens: int, text_tokens: int,
+                         batch: int = 1, dtype_bytes: int = 2, contexts: int = 1) -> int:
+    """Feature-cache bytes SpeCa holds for a batch (per rank under sequence parallelism, pass the
+    rank's video tokens). `contexts` = 2 with true CFG (cond and uncond keep separate caches).
+
+    lean:   (order + 1) x [stream into the verified block (video + text) + stream out of it (video)]
+    module: (order + 1) x [per double block: attention and MLP outputs of both streams;
+                           per single block: the output projection over video + text]
+    """
+    hidden = int(transformer_config["num_attention_heads"]) * int(transformer_config["attention_head_dim"])
+    if config.cache == "lean":
+        tokens = 2 * video_tokens + text_tokens
+    else:
+        tokens = (int(transformer_config["num_layers"]) * 2 * (video_tokens + text_tokens)
+                  + int(transformer_config["num_single_layers"]) * (video_tokens + text_tokens))
+    return (config.order + 1) * tokens * hidden * batch * dtype_bytes * contexts

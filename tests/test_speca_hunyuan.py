@@ -182,3 +182,27 @@ def test_disable_restores_bit_identical_output(tiny_pipe):
     with pytest.raises(RuntimeError, match="already enabled"):
         apply_speca(tiny_pipe, SpeCaConfig())
         apply_speca(tiny_pipe, SpeCaConfig())
+
+
+@pytest.mark.parametrize("cache", ["lean", "module"])
+def test_cache_bytes_estimate_matches_the_cache(tiny_pipe, cache):
+    from speca.hunyuan_video import estimate_cache_bytes
+
+    cfg = SpeCaConfig(cache=cache, order=2)
+    session = apply_speca(tiny_pipe, cfg)
+    run(tiny_pipe, [0, 1, 2], cfg=True)
+    measured = session.stats()[0].cache_bytes
+    estimate = estimate_cache_bytes(tiny_pipe.transformer.config, cfg, video_tokens=5 * 8 * 8, text_tokens=16,
+                                    batch=3, dtype_bytes=4, contexts=2)
+    assert measured == estimate
+
+
+def test_lean_cache_fits_720p_in_a_few_gb():
+    from speca.hunyuan_video import estimate_cache_bytes
+
+    real = dict(num_attention_heads=24, attention_head_dim=128, num_layers=20, num_single_layers=40)
+    tokens = dict(video_tokens=33 * 45 * 80, text_tokens=256, dtype_bytes=2)  # 720x1280, 129 frames, bf16
+    lean = estimate_cache_bytes(real, SpeCaConfig(cache="lean"), **tokens)
+    module = estimate_cache_bytes(real, SpeCaConfig(cache="module"), **tokens)
+    assert 2e9 < lean < 4e9  # ~2.9 GB
+    assert 50e9 < module  # ~117 GB: per-module caching needs tens of GB or more
