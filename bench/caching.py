@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[bench.caching] {m.name}", flush=True)
         results.append((m.name, m.family, run_method(model, m, requests)))
     # The trivial baseline: fewer steps at about SpeCa default's compute.
-    default = next(r for n, _, r in results if n == "SpeCa lean tau0=0.1")
+    default = next(r for n, _, r in results if n == "SpeCa lean tau0=0.05")
     few = max(1, round(args.steps * default["flops"] / reference["flops"]))
     results.append((f"fewer steps ({few})", "baseline", run_method(model, Method("few", "baseline", steps=few),
                                                                    requests)))
