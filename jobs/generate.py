@@ -138,8 +138,7 @@ def _init_ray(address: str | None) -> bool:
     if address:
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=True)
         return False
-    # A laptop run: keep Ray on loopback; a new local Ray turns on token auth by itself.
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    # A laptop run: on loopback (see jobs/__init__.py); a new local Ray turns on token auth by itself.
     ray.init(namespace=NAMESPACE, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
     return True
 

@@ -12,6 +12,10 @@ from collections.abc import Iterator
 
 import pytest
 
+# Ray binds to this machine's network address unless this is set before ray is first imported:
+# every Ray started by the tests stays on 127.0.0.1 (and so uses token auth).
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
 # --- S3 (moto) ----------------------------------------------------------------------
 
 _S3_ENV = {

@@ -22,13 +22,15 @@ PROMPTS = ["a red circle moving left on a blue background", "a square"]  # 10 an
 TEMPLATE = {"template": "{}", "crop_start": 0}
 STEPS = 8
 INF = math.inf
-SPECA = {  # each accepts some steps; the finite thresholds make decisions depend on the error
+# Each accepts some steps; the finite thresholds sit between the two samples' first draft errors
+# on the bundled model, so decisions depend on the error and differ between the samples.
+SPECA = {
     "lean_inf": SpeCaConfig(cache="lean", warmup_steps=2, max_spec=3, tau0=INF, tau_min=INF),
     "module_inf": SpeCaConfig(cache="module", warmup_steps=2, max_spec=3, tau0=INF, tau_min=INF),
-    "lean_tau": SpeCaConfig(cache="lean", warmup_steps=2, max_spec=3, tau0=0.02, tau_min=0.02),
-    "module_tau": SpeCaConfig(cache="module", warmup_steps=2, max_spec=3, tau0=0.0035, tau_min=0.0035),
-    "cfg_lean_tau": SpeCaConfig(cache="lean", warmup_steps=2, max_spec=3, tau0=0.02, tau_min=0.02),
-    "odd_module_tau": SpeCaConfig(cache="module", warmup_steps=2, max_spec=3, tau0=0.0035, tau_min=0.0035),
+    "lean_tau": SpeCaConfig(cache="lean", warmup_steps=2, max_spec=3, tau0=0.06, tau_min=0.06),
+    "module_tau": SpeCaConfig(cache="module", warmup_steps=2, max_spec=3, tau0=0.055, tau_min=0.055),
+    "cfg_lean_tau": SpeCaConfig(cache="lean", warmup_steps=2, max_spec=3, tau0=0.06, tau_min=0.06),
+    "odd_module_tau": SpeCaConfig(cache="module", warmup_steps=2, max_spec=3, tau0=0.155, tau_min=0.155),
 }
 ALL = ["plain", *SPECA, "odd", "five"]
 LAYOUTS = {2: [(2, 1), (1, 2)], 3: [(1, 3)], 4: [(2, 2), (4, 1), (1, 4)]}  # 3 ranks: 320 tokens padded
