@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import StateManager
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from .config import SpeCaConfig
 from .controller import SampleRecord, StepController, error_from_partials, error_partials
@@ -97,6 +98,7 @@ class SpeCaSession:
         self.step = 0
         self.forecaster: NewtonForecaster | None = None
         self.partials: torch.Tensor | None = None
+        self._handles: list = []  # forward hooks of the per-module cache, removed on disable
 
     def begin(self, num_steps: int) -> None:
         """Set the number of denoising steps for a custom loop (pipelines need not call this)."""
@@ -221,11 +223,7 @@ class _SpeCaRootHook(ModelHook):
                 out[torch.tensor(full_rows, device=out.device)] = full_out
         ctrl.count_blocks(list(range(batch)), 0, s.num_blocks)
         s.peak_cache_bytes = max(s.peak_cache_bytes, s.cache_bytes())
-        if not return_dict:
-            return (out,)
-        from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
-        return Transformer2DModelOutput(sample=out)
+        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 
     def _pass(self, module, a: dict, mode: str, rows: list[int], step: int, forecaster, batch: int) -> torch.Tensor:
         s = self.session
@@ -351,12 +349,10 @@ def apply_speca(target, config: SpeCaConfig | None = None, *,
     session = SpeCaSession(transformer, config, scheduler, error_reduce, valid_tokens)
     HookRegistry.check_if_exists_or_initialize(transformer).register_hook(_SpeCaRootHook(session), _ROOT_HOOK)
     blocks = [(b, True) for b in transformer.transformer_blocks] + [(b, False) for b in transformer.single_transformer_blocks]
-    handles = []
     for i, (block, double) in enumerate(blocks):
         HookRegistry.check_if_exists_or_initialize(block).register_hook(_SpeCaBlockHook(session, i, double), _BLOCK_HOOK)
         if config.cache == "module":
-            handles += _capture_hooks(session, block, i, double)
-    session._handles = handles
+            session._handles += _capture_hooks(session, block, i, double)
     transformer._speca_session = session
     return session
 
