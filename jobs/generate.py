@@ -33,7 +33,7 @@ from pipeline.loading import read_model_info
 from pipeline.stats import STATS_SCHEMA, SampleStats
 from pipeline.storage import Storage, StorageError
 from pipeline.video_io import VideoEncoding
-from pipeline.writer import stats_path, write_failure
+from pipeline.writer import write_failure
 
 from .manifest import ManifestEntry, read_manifest
 from .replica import Replica, failure_stats

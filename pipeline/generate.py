@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from speca import SpeCaConfig, apply_speca, disable_speca
-from speca.flops import num_blocks, step_flops
+from speca.flops import step_flops, video_tokens
 
 from .config import InvalidRequest, ModelConfig, SampleRequest
 from .loading import LoadedModel, load_pipeline
@@ -164,8 +164,6 @@ class Generator:
 
 
 def _tokens(transformer_config: dict, latent_shape, text_tokens: int) -> int:
-    from speca.flops import video_tokens
-
     return video_tokens(transformer_config, *latent_shape[2:]) + text_tokens
 
 

@@ -81,7 +81,6 @@ class LoadedModel:
 
 def load_pipeline(config: ModelConfig = ModelConfig()) -> LoadedModel:
     """Load the pipeline on the configured device / dtype with the chosen attention backend."""
-    import torch
     from diffusers import HunyuanVideoPipeline
 
     device = config.resolve_device()

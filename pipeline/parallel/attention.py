@@ -52,7 +52,6 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Returns (out in q's dtype, lse in float32 of shape (B, H, Nq)). A sample whose keys are
     all masked gets out = 0 and lse = -inf, so it weighs nothing when chunks are merged.
     """
-    nq = q.shape[2]
     if q.device.type == "cpu":
         bias = None if key_mask is None else _mask_bias(key_mask, q.dtype)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias)
