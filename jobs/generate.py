@@ -2,6 +2,7 @@
 
     python -m jobs.generate --manifest s3://bucket/prompts.parquet --output s3://bucket/run-42
     ray job submit --address http://HEAD:8265 --working-dir . -- python -m jobs.generate ...
+    python -m jobs.generate ... --score [--reference URL]    # then the scoring stage (jobs.score)
 
 With no Ray address (no --address, no RAY_ADDRESS) a local Ray is started on 127.0.0.1.
 Outputs under --output: videos/<id>.mp4, stats/<id>.parquet (one row per sample), errors/
@@ -27,14 +28,19 @@ from pathlib import Path
 import pyarrow as pa
 
 from pipeline.config import InvalidRequest
-from pipeline.generate import add_model_arguments, model_config_from_args, speca_config_from_args
-from pipeline.parallel.config import ParallelConfig
+from pipeline.generate import (
+    add_model_arguments,
+    model_config_from_args,
+    speca_config_from_args,
+)
 from pipeline.loading import read_model_info
+from pipeline.parallel.config import ParallelConfig
 from pipeline.stats import STATS_SCHEMA, SampleStats
 from pipeline.storage import Storage, StorageError
 from pipeline.video_io import VideoEncoding
 from pipeline.writer import write_failure
 
+from . import score as score_stage
 from .manifest import ManifestEntry, read_manifest
 from .replica import Replica, failure_stats
 
@@ -78,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--fps", type=int, default=0, help="MP4 frame rate (default: the model's)")
     run.add_argument("--crf", type=int, default=VideoEncoding.crf, help="x264 quality (0 = lossless)")
     add_model_arguments(parser)
+    parser.add_argument("--score", action="store_true",
+                        help="after generating, run the scoring stage on the output (see python -m jobs.score --help)")
+    score_stage.add_score_arguments(parser)
     return parser
 
 
@@ -307,7 +316,9 @@ def run(args) -> int:
                                  (args.replicas, args.ranks_per_replica, args.batch_size, args.max_attempts),
                                  "must all be >= 1")
         parallel = _parallel_for(args, info)
-    except (InvalidRequest, ValueError, StorageError, FileNotFoundError) as e:
+        if args.score:  # fail before generating anything, not after
+            score_stage.vbench_env.check_weights(score_stage.parse_dimensions(args.dimensions))
+    except (InvalidRequest, ValueError, StorageError, FileNotFoundError, score_stage.vbench_env.VBenchSetupError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -355,9 +366,11 @@ def run(args) -> int:
     }
     storage.write_bytes("run.json", (json.dumps(record, indent=2) + "\n").encode())
     print(_summary(record), file=sys.stderr)
-    if failed:
-        return 1
-    return 3 if manifest.rejected else 0
+    status = 1 if failed else (3 if manifest.rejected else 0)
+    if args.score and generated + skipped > 0:
+        scored = score_stage.run(argparse.Namespace(**{**vars(args), "run": args.output, "prepare_env": False}))
+        status = status or scored
+    return status
 
 
 def _summary(record: dict) -> str:

@@ -84,3 +84,19 @@ def tiny_pipe(tiny_model):
 
     yield tiny_model.pipe
     disable_speca(tiny_model.pipe)
+
+
+# --- a local Ray for in-process job runs ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray on 127.0.0.1 (token auth) shared by a module's in-process job runs."""
+    import ray
+
+    from jobs.generate import NAMESPACE
+
+    ray.init(num_cpus=2, namespace=NAMESPACE, include_dashboard=False, _node_ip_address="127.0.0.1")
+    assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")  # loopback only
+    yield
+    ray.shutdown()

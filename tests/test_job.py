@@ -39,17 +39,6 @@ def _outputs(storage: Storage):
     return stats, videos
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """One local Ray on 127.0.0.1 (token auth) shared by the in-process job runs below."""
-    import ray
-
-    ray.init(num_cpus=2, namespace=NAMESPACE, include_dashboard=False, _node_ip_address="127.0.0.1")
-    assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")  # loopback only
-    yield
-    ray.shutdown()
-
-
 @pytest.fixture
 def ray_head(tmp_path):
     """A real Ray head on 127.0.0.1 with token auth, stopped afterwards."""

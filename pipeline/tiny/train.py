@@ -43,11 +43,12 @@ class TrainConfig:
     vae_clip_lr: float = 1.0e-3
     vae_kl_weight: float = 3e-5
     vae_fg_weight: float = 5.0
-    latent_pool: int = 4096
+    latent_pool: int = 8192
     dit_steps: int = 1800
     dit_batch: int = 24
     dit_lr: float = 1e-3
     dit_ema: float = 0.998
+    dit_fg_weight: float = 1.0
     prompt_dropout: float = 0.1
     sigma_uniform: float = 0.5
     sigma_shift: float = FLOW_SHIFT
@@ -86,14 +87,29 @@ def _clips(rng: random.Random, n: int, num_frames: int) -> tuple[torch.Tensor, l
     return x, [s.prompt for s in specs]
 
 
+def _foreground(x: torch.Tensor) -> torch.Tensor:
+    """Pixels of the shape: they differ from the clip's median (background) colour. (N, 1, T, H, W)."""
+    bg = x.flatten(2).median(dim=2).values[:, :, None, None, None]
+    return ((x - bg).abs().amax(dim=1, keepdim=True) > 0.1).float()
+
+
+def latent_foreground(x: torch.Tensor, spatial: int, temporal: int) -> torch.Tensor:
+    """The shape's footprint on the causal latent grid (any pixel of the shape in a latent cell).
+
+    Latent frame 0 sees frame 0; latent frame k sees frames (k-1)*temporal+1 .. k*temporal.
+    """
+    fg = _foreground(x)
+    first, rest = fg[:, :, :1], fg[:, :, 1:]
+    rest = F.max_pool3d(rest, kernel_size=(temporal, 1, 1))
+    return F.max_pool3d(torch.cat([first, rest], dim=2), kernel_size=(1, spatial, spatial))
+
+
 def _vae_loss(vae, x: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, float]:
     posterior = vae.encode(x).latent_dist
     z = posterior.sample()
     rec = vae.decode(z).sample
-    # Shape pixels differ from the clip's median (background) colour; weight them up so small
-    # flat coloured regions are not traded away for the background.
-    bg = x.flatten(2).median(dim=2).values[:, :, None, None, None]
-    weight = 1.0 + (cfg.vae_fg_weight - 1.0) * ((x - bg).abs().amax(dim=1, keepdim=True) > 0.1).float()
+    # Weight the shape's pixels up so small flat coloured regions are not traded away for the background.
+    weight = 1.0 + (cfg.vae_fg_weight - 1.0) * _foreground(x)
     err = rec - x
     rec_loss = (weight * (err.abs() + err.pow(2))).mean()
     kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1.0 - posterior.logvar).mean()
@@ -148,18 +164,23 @@ def train_vae_stage(vae, cfg: TrainConfig, stage: str, ckpt: _Checkpoint, log, e
 
 
 @torch.no_grad()
-def encode_pool(pipe, cfg: TrainConfig, rescale: bool = True) -> tuple[torch.Tensor, list[str]]:
-    """Encode a pool of training clips (posterior means); set the VAE's scaling factor unless kept."""
+def encode_pool(pipe, cfg: TrainConfig, rescale: bool = True) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Encode a pool of training clips (posterior means) and their latent foreground masks.
+
+    Sets the VAE's scaling factor unless `rescale` is off.
+    """
     rng = random.Random(f"{cfg.seed}-pool")
-    latents, prompts = [], []
+    latents, masks, prompts = [], [], []
     for i in tqdm(range(0, cfg.latent_pool, 32), desc="encode", mininterval=5):
         x, p = _clips(rng, min(32, cfg.latent_pool - i), world.NUM_FRAMES)
         latents.append(pipe.vae.encode(x.to(pipe.device)).latent_dist.mean)
+        masks.append(latent_foreground(x, pipe.vae.config.spatial_compression_ratio,
+                                       pipe.vae.config.temporal_compression_ratio).to(pipe.device))
         prompts += p
     z = torch.cat(latents)
     if rescale:
         pipe.vae.register_to_config(scaling_factor=float(1.0 / z.std()))
-    return z * pipe.vae.config.scaling_factor, prompts
+    return z * pipe.vae.config.scaling_factor, torch.cat(masks), prompts
 
 
 @torch.no_grad()
@@ -173,8 +194,13 @@ def encode_prompts(pipe, prompts: list[str]) -> dict[str, tuple[torch.Tensor, to
     return out
 
 
-def train_transformer(pipe, cfg: TrainConfig, z: torch.Tensor, prompts: list[str], ckpt: _Checkpoint, log,
-                      every: int) -> None:
+def train_transformer(pipe, cfg: TrainConfig, z: torch.Tensor, fg: torch.Tensor, prompts: list[str],
+                      ckpt: _Checkpoint, log, every: int) -> None:
+    """Flow matching; latents under the shape weigh `dit_fg_weight` times the background's.
+
+    Shape and motion live in a few latent pixels; an unweighted loss is dominated by the
+    background and the shape's colour, which the model gets right long before the geometry.
+    """
     model = pipe.transformer
     text = encode_prompts(pipe, prompts)
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -205,7 +231,8 @@ def train_transformer(pipe, cfg: TrainConfig, z: torch.Tensor, prompts: list[str
         xt = (1 - s) * x0 + s * noise
         pred = model(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=emb,
                      encoder_attention_mask=mask, pooled_projections=pooled, return_dict=False)[0]
-        loss = F.mse_loss(pred, noise - x0)
+        weight = 1.0 + (cfg.dit_fg_weight - 1.0) * fg[idx.to(z.device)]
+        loss = (weight * (pred - (noise - x0)).pow(2)).mean() / weight.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -265,10 +292,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--init-from", help="a trained model folder: skip the VAE, continue its transformer")
     parser.add_argument("--dit-steps", type=int, help="override the transformer steps")
     parser.add_argument("--dit-lr", type=float, help="override the transformer peak learning rate")
+    parser.add_argument("--dit-fg-weight", type=float,
+                        help="loss weight of latents under the shape relative to the background (default 1)")
     args = parser.parse_args(argv)
 
     cfg = TrainConfig.smoke() if args.smoke else TrainConfig()
-    cfg = replace(cfg, **{k: v for k, v in (("dit_steps", args.dit_steps), ("dit_lr", args.dit_lr)) if v is not None})
+    cfg = replace(cfg, **{k: v for k, v in (("dit_steps", args.dit_steps), ("dit_lr", args.dit_lr),
+                                                        ("dit_fg_weight", args.dit_fg_weight)) if v is not None})
     torch.set_num_threads(cfg.threads)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -302,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         pipe.vae.load_state_dict(torch.load(workdir / "vae.pt", map_location=args.device))
 
-    z, prompts = encode_pool(pipe, cfg, rescale=not args.init_from)
+    z, fg, prompts = encode_pool(pipe, cfg, rescale=not args.init_from)
     with torch.no_grad():
         x, _ = _clips(random.Random(f"{cfg.seed}-val"), 32, world.NUM_FRAMES)
         x = x.to(args.device)
@@ -311,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
     log({"stage": "vae_eval", "psnr": vae_psnr, "scaling_factor": pipe.vae.config.scaling_factor})
     print(f"VAE reconstruction {vae_psnr:.2f} dB; latent scaling factor {pipe.vae.config.scaling_factor:.4f}")
 
-    train_transformer(pipe, cfg, z, prompts, ckpt, log, args.checkpoint_every)
+    train_transformer(pipe, cfg, z, fg, prompts, ckpt, log, args.checkpoint_every)
     minutes = (time.time() - t0) / 60
     if args.output:
         card = MODEL_CARD.format(

@@ -1,0 +1,135 @@
+"""bench.caching end to end on the bundled model: 2 prompts, 10 steps, a handful of methods."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from bench import caching
+from pipeline.tiny import world
+
+SPECA = ["speca-default-lean-0.05-b8", "speca-default-lean-0.1-b8"]
+WORKING = [*SPECA, "magcache-0.06", "pab-2-branch", "fastercache-2-branch"]
+FAILING = "fastercache-cfg"  # FasterCache's CFG cache cannot run with CFG as two calls: an error row
+PROMPTS, STEPS = 2, 10
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("caching") / "caching.md"
+    caching.main(["--prompts", str(PROMPTS), "--steps", str(STEPS), "--repeats", "1", "--calibration-prompts", "1",
+                  "--only", ",".join([*WORKING, FAILING]), "--out", str(out)])
+    data = json.loads(out.with_suffix(".json").read_text())
+    return out, out.read_text(), data, {r["key"]: r for r in data["rows"]}
+
+
+def test_writes_markdown_json_and_png(report):
+    out, md, _, rows = report
+    png = out.with_name("caching_pareto.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert md.startswith("# Caching methods on the bundled tiny model")
+    assert f"Command: `python -m bench.caching --prompts {PROMPTS} --steps {STEPS}" in md
+    assert "Machine: " in md
+    assert set(rows) == {"reference", *WORKING, FAILING}
+    for key in rows:
+        assert f"`{key}`" in md
+
+
+def test_reference_row_is_identical_at_speedup_one(report):
+    _, md, _, rows = report
+    ref = rows["reference"]
+    assert ref["flops_speedup"] == 1.0 and ref["wall_speedup"] == 1.0
+    assert math.isinf(ref["psnr"]) and ref["ssim"] == pytest.approx(1.0)
+    assert "| no cache | `reference` | 1.00x | 1.00x | inf (identical) | 1.000 |" in md
+
+
+def test_every_method_skips_work_and_stays_close(report):
+    _, _, _, rows = report
+    for key in WORKING:
+        r = rows[key]
+        assert r["error"] is None, key
+        assert r["flops_speedup"] > 1.0, key
+        assert math.isfinite(r["psnr"]) and r["psnr"] > 15.0, key
+        assert 0.0 < r["ssim"] < 1.0, key
+        assert 0.0 < r["flicker"] <= 1.0, key
+        assert r["wall_speedup"] > 0 and len(r["denoise_seconds"]) == 1, key
+    assert rows["magcache-0.06"]["cache_mb"] > 0 and rows["pab-2-branch"]["cache_mb"] > 0
+
+
+def test_speca_full_step_distribution(report):
+    _, md, _, rows = report
+    for key in SPECA:
+        r = rows[key]
+        assert len(r["full_steps"]) == PROMPTS and all(1 <= n < STEPS for n in r["full_steps"])
+        assert (r["full_steps_min"], r["full_steps_max"]) == (min(r["full_steps"]), max(r["full_steps"]))
+        assert f"`{key}` | {r['flops_speedup']:.2f}x |" in md
+        assert f"{r['full_steps_min']}/{r['full_steps_mean']:.1f}/{r['full_steps_max']} |" in md
+    assert rows["magcache-0.06"]["full_steps"] is None
+
+
+def test_failing_hook_is_an_error_row(report):
+    _, md, _, rows = report
+    error = rows[FAILING]["error"]
+    assert error and error.startswith("RuntimeError")
+    assert f"| `{FAILING}` | error: RuntimeError" in md
+
+
+def test_mag_cache_calibrated_on_other_prompts(report):
+    _, md, data, _ = report
+    ratios = data["mag_ratios"]
+    assert len(ratios) == STEPS and ratios[0] == 1.0 and all(0.5 < x < 2.0 for x in ratios)
+    eval_prompts = {s.prompt for s in world.eval_specs(PROMPTS)}
+    assert len(data["calibration_prompts"]) == 1 and not set(data["calibration_prompts"]) & eval_prompts
+    assert f"{ratios[1]:.4f}" in md
+
+
+def test_goals_are_computed_from_the_rows(report):
+    _, md, _, rows = report
+    ok = [r for r in rows.values() if r["error"] is None]
+
+    def best(rs):
+        fit = [r["flops_speedup"] for r in rs if r["psnr"] >= 30.0]
+        return max(fit) if fit else None
+
+    speca = best([r for r in ok if r["kind"] == "speca"])
+    families = {r["family"] for r in rows.values() if r["kind"] == "diffusers"}
+    assert families == {"magcache", "pab", "fastercache"}
+    beaten = []
+    for family in families:
+        hook = best([r for r in ok if r["family"] == family])
+        line = next(ln for ln in md.splitlines() if ln.startswith(f"| {caching.FAMILIES[family]} |"))
+        if hook is None:
+            assert "no row reaches it" in line
+            beaten.append(speca is not None)
+        else:
+            assert f"| {hook:.2f}x (" in line
+            assert (f"| {speca / hook:.2f} |" if speca else "| n/a |") in line
+            beaten.append(speca is not None and speca / hook >= 1.25)
+    goal1 = speca is not None and all(beaten)
+    goal1_line = next(ln for ln in md.splitlines() if ln.startswith("Goal 1: at PSNR >= 30 dB"))
+    assert goal1_line.endswith("**met**." if goal1 else "**NOT met**.")
+    if speca is not None:
+        assert f"SpeCa's best at >= 30 dB: {speca:.2f}x" in md
+
+    batch8 = [r for r in ok if r["kind"] == "speca" and r["batch"] == 8]
+    goal2 = bool(batch8) and all(r["full_steps_min"] < r["full_steps_max"] for r in batch8)
+    goal2_line = next(ln for ln in md.splitlines() if ln.startswith("Goal 2: batch-8 SpeCa"))
+    assert ("**met**" if goal2 else "**NOT met**") in goal2_line
+    assert ("## Analysis" in md) == (not (goal1 and goal2))
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    pts = [(1.0, 40.0), (1.5, 35.0), (1.4, 30.0), (2.0, 35.0), (3.0, 20.0)]
+    assert caching.pareto_front(pts) == [(1.0, 40.0), (2.0, 35.0), (3.0, 20.0)]
+
+
+def test_only_selects_by_key_family_and_wildcard():
+    methods = caching.speca_methods() + caching.diffusers_methods(STEPS, lambda: [1.0] * STEPS)
+    assert {m.key for m in caching.select(methods, "pab")} == {"pab-2", "pab-3", "pab-4", "pab-2-branch",
+                                                                "pab-3-branch", "pab-4-branch"}
+    assert [m.key for m in caching.select(methods, "magcache-0.06, fbc-*")] == ["fbc-0.05", "fbc-0.1", "fbc-0.2",
+                                                                                 "magcache-0.06"]
+    assert len(caching.select(methods, "all")) == len(methods)
+    assert caching.select(methods, "nothing-like-this") == []

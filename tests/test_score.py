@@ -1,0 +1,154 @@
+"""The scoring stage: real vbench (its own virtualenv) on a real run, the report in headless Chromium.
+
+The first run builds the VBench environment (pip, a few minutes; reused afterwards, see
+jobs/vbench_env.py). Chromium comes from Debian's `chromium` package (the README's test command
+installs it).
+"""
+
+import json
+import math
+import shutil
+import subprocess
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from jobs import score
+from jobs.generate import main as generate
+from jobs.vbench_scores import NORMALIZE, aggregate
+from pipeline.quality import temporal_flickering
+from pipeline.tiny import world
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_aggregate_follows_vbench_definition():
+    means = {d: lo + 0.75 * (hi - lo) for d, (lo, hi) in NORMALIZE.items()}  # every dimension at 75% of its range
+    means["dynamic_degree"] = 0.2
+    full = aggregate(means)
+    # Quality: six dimensions at 0.75 with weight 1, dynamic degree 0.2 with weight 0.5.
+    quality = (6 * 0.75 + 0.5 * 0.2) / 6.5
+    assert full.quality == pytest.approx(quality, abs=1e-9)
+    assert full.semantic == pytest.approx(0.75, abs=1e-9)
+    assert full.total == pytest.approx((4 * quality + 0.75) / 5, abs=1e-9)
+    assert not full.partial and full.missing == []
+
+    partial = aggregate({"temporal_flickering": 0.97})
+    assert partial.partial and partial.total is None and partial.semantic is None
+    assert partial.quality == pytest.approx((0.97 - 0.6293) / (1.0 - 0.6293), abs=1e-9)
+    assert partial.ran == ["temporal_flickering"] and len(partial.missing) == 15
+    with pytest.raises(ValueError, match="not VBench dimensions"):
+        aggregate({"sharpness": 1.0})
+
+
+def test_missing_weights_fail_fast_with_the_file_list(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("VBENCH_CACHE_DIR", str(tmp_path / "empty-cache"))
+    code = score.main(["--run", str(tmp_path / "no-run-here"), "--dimensions", "temporal_flickering,subject_consistency",
+                       "--vbench-env", str(tmp_path / "env")])
+    err = capsys.readouterr().err
+    assert code == 2
+    # The weights are checked first: the message is about them, not the (missing) run.
+    assert "dino_model/dino_vitbase16_pretrain.pth" in err and "facebookresearch_dino_main" in err
+    assert "no run.json" not in err
+    assert not (tmp_path / "env").exists()  # no environment was built
+
+    # As the job's second stage it refuses before generating anything.
+    out = tmp_path / "out"
+    code = generate(["--output", str(out), "--score", "--dimensions", "motion_smoothness"])
+    assert code == 2 and not (out / "videos").exists()
+    assert "amt_model/amt-s.pth" in capsys.readouterr().err
+
+
+def test_unsupported_and_unknown_dimensions_are_named(tmp_path, capsys):
+    assert score.main(["--run", str(tmp_path), "--dimensions", "color"]) == 2
+    assert "['color']" in capsys.readouterr().err
+    assert score.main(["--run", str(tmp_path), "--dimensions", "temporal_flicker"]) == 2
+    assert "temporal_flicker" in capsys.readouterr().err
+
+
+def test_not_a_run_folder(tmp_path, capsys):
+    assert score.main(["--run", str(tmp_path), "--dimensions", "none"]) == 2
+    assert "no run.json" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def scored_runs(tmp_path_factory, local_ray):
+    """An uncached reference run and a SpeCa run of the same manifest, scored as the job's second stage."""
+    root = tmp_path_factory.mktemp("runs")
+    specs = world.eval_specs(3)
+    manifest = root / "prompts.parquet"
+    pq.write_table(pa.table({"id": [f"clip-{i}" for i in range(3)], "prompt": [s.prompt for s in specs],
+                             "seed": [world.EVAL_SEED_BASE + i for i in range(3)]}), manifest)
+    ref, run = root / "reference", root / "speca"
+    common = ["--manifest", str(manifest), "--batch-size", "3", "--crf", "0"]
+    assert generate([*common, "--output", str(ref), "--speca", "off"]) == 0
+    assert generate([*common, "--output", str(run), "--speca", "default", "--score", "--reference", str(ref),
+                     "--dimensions", "temporal_flickering"]) == 0
+    return ref, run
+
+
+def test_report_files_and_vbench_scores(scored_runs):
+    _, run = scored_runs
+    report = run / "report"
+    for name in ("index.html", "report.md", "scores.json", "scores.parquet", "steps_histogram.png",
+                 "acceptance_per_step.png", "speedup_vs_quality.png", "quality_vs_steps.png"):
+        assert (report / name).is_file() and (report / name).stat().st_size > 0, name
+    summary = json.loads((report / "scores.json").read_text())
+    vb = summary["vbench"]
+    assert vb["partial"] is True and vb["ran"] == ["temporal_flickering"] and vb["total"] is None
+    assert vb["semantic"] is None and 0.0 < vb["means"]["temporal_flickering"] <= 1.0
+    scores = pq.read_table(report / "scores.parquet").to_pandas()
+    assert sorted(scores["id"]) == ["clip-0", "clip-1", "clip-2"]
+    assert scores["vbench_temporal_flickering"].notna().all()
+    assert vb["means"]["temporal_flickering"] == pytest.approx(scores["vbench_temporal_flickering"].mean(), abs=1e-9)
+    # Our weight-free formula on PyAV-decoded frames agrees with vbench's (OpenCV decoding).
+    np.testing.assert_allclose(scores["flicker"], scores["vbench_temporal_flickering"], atol=2e-3)
+    assert "partial" in (report / "report.md").read_text().lower()
+
+
+def test_fidelity_to_reference(scored_runs):
+    ref, run = scored_runs
+    summary = json.loads((run / "report" / "scores.json").read_text())
+    fid = summary["fidelity"]
+    assert fid["all identical"] is False
+    assert 20.0 < fid["PSNR dB (mean over videos)"] < 80.0
+    assert 0.5 < fid["SSIM (mean over videos)"] < 1.0
+    per_sample = {r["id"]: r for r in summary["per_sample"]}
+    assert all(r["full_steps_used"] < r["num_inference_steps"] for r in per_sample.values())  # SpeCa skipped work
+
+    # The reference against itself: identical, and the report says so.
+    assert score.main(["--run", str(ref), "--reference", str(ref), "--dimensions", "none"]) == 0
+    own = json.loads((ref / "report" / "scores.json").read_text())
+    assert own["fidelity"]["all identical"] is True and own["fidelity"]["videos identical to the reference"] == 3
+    assert all(math.isinf(p) for p in pq.read_table(ref / "report" / "scores.parquet").column("psnr").to_pylist())
+    assert "identical" in (ref / "report" / "report.md").read_text()
+
+
+def test_flicker_formula():
+    still = np.full((5, 8, 8, 3), 100, np.uint8)
+    assert temporal_flickering(still) == 1.0
+    blink = still.copy()
+    blink[1::2] = 151  # every adjacent pair differs by 51 everywhere
+    assert temporal_flickering(blink) == pytest.approx((255 - 51) / 255)
+
+
+def test_report_renders_in_headless_chromium(scored_runs, tmp_path):
+    assert CHROMIUM, "needs Debian's chromium on PATH (the README's test command installs it)"
+    _, run = scored_runs
+    page = (run / "report" / "index.html").resolve().as_uri()
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,2400"]
+    shot = tmp_path / "report.png"
+    subprocess.run([CHROMIUM, *flags, f"--screenshot={shot}", page], check=True, capture_output=True, timeout=120)
+    img = np.asarray(Image.open(shot).convert("RGB"))
+    assert img.shape[0] >= 2000 and img.std() > 10  # not a blank page
+    dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", page], check=True, capture_output=True, text=True,
+                         timeout=120).stdout
+    assert dom.count("<table") >= 4 and dom.count("<img") == 4
+    assert "temporal_flickering" in dom and 'href="../videos/clip-0.mp4"' in dom
+    for src in ("steps_histogram.png", "acceptance_per_step.png", "speedup_vs_quality.png", "quality_vs_steps.png"):
+        assert f"src=\"{src}\"" in dom and (run / "report" / src).is_file()
