@@ -133,3 +133,31 @@ def test_only_selects_by_key_family_and_wildcard():
                                                                                  "magcache-0.06"]
     assert len(caching.select(methods, "all")) == len(methods)
     assert caching.select(methods, "nothing-like-this") == []
+
+
+def test_pab_state_is_shared_by_cfg_branches_and_the_wrapper_splits_it(tiny_model):
+    """diffusers 0.42.1 bug the bench works around: PAB keeps one state for both CFG calls of a step."""
+    from diffusers import PyramidAttentionBroadcastConfig
+
+    from pipeline.config import SampleRequest
+    from pipeline.generate import Generator
+
+    pipe, steps = tiny_model.pipe, 4
+    pipe.transformer.enable_cache(PyramidAttentionBroadcastConfig(
+        spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(-1, 1001),
+        current_timestep_callback=lambda: pipe.current_timestep))
+    [(module, hook), *_] = [(m, h) for m in pipe.transformer.modules() if getattr(m, "_diffusers_hook", None) is not None
+                            for h in m._diffusers_hook.hooks.values() if hasattr(h, "state")]
+    seen = []
+    handle = module.register_forward_pre_hook(lambda *_: seen.append(hook.state.iteration))
+    request = SampleRequest(prompt="a red circle moving left on a blue background", seed=0, num_inference_steps=steps)
+    try:
+        Generator(tiny_model).generate([request], batch_size=1)
+        assert seen == list(range(2 * steps))  # as shipped: one counter, advanced by cond and uncond
+        seen.clear()
+        with caching.per_branch_state(pipe.transformer):
+            Generator(tiny_model).generate([request], batch_size=1)
+        assert seen == [i for i in range(steps) for _ in range(2)]  # each branch counts its own steps
+    finally:
+        handle.remove()
+        pipe.transformer.disable_cache()
