@@ -8,6 +8,7 @@ It reads the run's run.json, stats/ and videos/ (any fsspec URL) and writes into
   report/index.html, report/report.md   readable without a server; videos linked relatively
   report/*.png                          step allocation, per-step acceptance, speed vs quality
   report/scores.json, scores.parquet    per-sample and aggregate scores, machine-readable
+  report/vbench_eval_results.json       vbench's own result file (mean and per-video value per dimension)
 
 VBench runs the real `vbench` package in a virtualenv of its own (its pins clash with
 diffusers): built once on first use, or beforehand with `--prepare-env` (see jobs/vbench_env.py
@@ -112,6 +113,14 @@ def _open_run(url: str, options: dict | None, what: str) -> tuple[Storage, dict,
     return storage, record, sorted(samples, key=lambda s: s.id)
 
 
+def _read_video(storage: Storage, sample_id: str, what: str) -> bytes:
+    try:
+        return storage.read_bytes(video_path(sample_id))
+    except FileNotFoundError as e:
+        raise ScoreError(f"{what} {storage.url}: sample {sample_id!r} has stats but no video at "
+                         f"{video_path(sample_id)}") from e
+
+
 def _adherence(frames: np.ndarray, prompt: str) -> dict[str, float]:
     from pipeline.tiny import scorer
 
@@ -157,7 +166,7 @@ def score_run(args) -> dict:
         ref_videos.mkdir()
         started = time.time()
         for i, s in enumerate(samples):
-            data = storage.read_bytes(video_path(s.id))
+            data = _read_video(storage, s.id, "--run")
             (videos / f"{s.id}.mp4").write_bytes(data)
             frames = decode_mp4(data).frames
             row = {"id": s.id, "prompt": s.prompt, "seed": s.seed, "method": s.method,
@@ -166,7 +175,7 @@ def score_run(args) -> dict:
                    "flops_speedup": 1.0 / s.flops_ratio if s.flops_ratio > 0 else math.nan,
                    "seconds_denoise": s.seconds_denoise, "flicker": temporal_flickering(frames)}
             if reference is not None:
-                ref_data = reference[0].read_bytes(video_path(s.id))
+                ref_data = _read_video(reference[0], s.id, "--reference")
                 (ref_videos / f"{s.id}.mp4").write_bytes(ref_data)
                 ref_frames = decode_mp4(ref_data).frames
                 if ref_frames.shape != frames.shape:
@@ -183,10 +192,16 @@ def score_run(args) -> dict:
             vbench_result = vbench_env.run_vbench(python, videos, {f"{s.id}.mp4": s.prompt for s in samples}, dims,
                                                   Path(tmp) / "work", device=args.vbench_device, log=_log)
         scores = pd.DataFrame(rows)
+        if vbench_result:
+            # vbench's own result file, with its temporary video paths replaced by the run's.
+            raw = {d: [mean, [{**v, "video_path": video_path(Path(v["video_path"]).stem)} for v in per_video]]
+                   for d, (mean, per_video) in vbench_result.items()}
+            storage.write_bytes("report/vbench_eval_results.json", (json.dumps(raw, indent=2) + "\n").encode())
         if want_lpips:
             _log(f"[jobs.score] LPIPS on {len(samples)} video pairs")
             lpips = vbench_env.run_lpips(python, [(s.id, str(videos / f"{s.id}.mp4"), str(ref_videos / f"{s.id}.mp4"))
-                                                  for s in samples], Path(tmp) / "lpips", device=args.vbench_device)
+                                                  for s in samples], Path(tmp) / "lpips", device=args.vbench_device,
+                                         log=_log)
             scores["lpips"] = [lpips[i] for i in scores["id"]]
         means = {}
         for dim in dims:

@@ -21,6 +21,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -206,29 +207,36 @@ def run_vbench(python: Path, videos: Path, prompts: dict[str, str], dimensions: 
     out = workdir / "vbench"
     log(f"[jobs.score] vbench {VBENCH_VERSION}: {', '.join(dimensions)} on {len(prompts)} videos")
     _run(python, ["--videos", str(videos), "--prompts", str(prompt_file), "--dimensions", ",".join(dimensions),
-                  "--output", str(out), "--device", device], "vbench")
+                  "--output", str(out), "--device", device], "vbench", log=log)
     result = out / "run_eval_results.json"
     if not result.is_file():
         raise RuntimeError(f"vbench exited cleanly but wrote no {result}")
     return json.loads(result.read_text())
 
 
-def run_lpips(python: Path, pairs: list[tuple[str, str, str]], workdir: Path, device: str = "cpu") -> dict[str, float]:
+def run_lpips(python: Path, pairs: list[tuple[str, str, str]], workdir: Path, device: str = "cpu",
+              log=print) -> dict[str, float]:
     """LPIPS per (id, video, reference video), per frame then averaged; weights must be provisioned."""
     workdir.mkdir(parents=True, exist_ok=True)
     pair_file = workdir / "lpips_pairs.json"
     pair_file.write_text(json.dumps(pairs))
     root = cache_dir()
     _run(python, ["--lpips-pairs", str(pair_file), "--lpips-weights", str(root / LPIPS_WEIGHTS[0].path),
-                  "--output", str(workdir), "--device", device], "LPIPS", torch_home=root / "lpips")
+                  "--output", str(workdir), "--device", device], "LPIPS", torch_home=root / "lpips", log=log)
     return json.loads((workdir / "lpips.json").read_text())
 
 
-def _run(python: Path, args: list[str], what: str, torch_home: Path | None = None) -> None:
+def _run(python: Path, args: list[str], what: str, torch_home: Path | None = None, log=print) -> None:
+    """Run the runner in the VBench environment, echoing its output as progress."""
     env = {**os.environ, "VBENCH_CACHE_DIR": str(cache_dir()), "PYTHONNOUSERSITE": "1"}
     env.pop("PYTHONPATH", None)  # the generation environment's packages must not leak into vbench's
     if torch_home is not None:
         env["TORCH_HOME"] = str(torch_home)
-    proc = subprocess.run([str(python), str(RUNNER), *args], check=False, env=env, capture_output=True, text=True)
+    tail: deque[str] = deque(maxlen=60)
+    with subprocess.Popen([str(python), str(RUNNER), *args], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+        for line in proc.stdout:
+            tail.append(line.rstrip())
+            log(f"[{what}] {line.rstrip()}")
     if proc.returncode != 0:
-        raise RuntimeError(f"{what} failed in the VBench environment (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"{what} failed in the VBench environment (exit {proc.returncode}):\n" + "\n".join(tail))

@@ -9,6 +9,7 @@ import json
 import math
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -16,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from jobs import score
+from jobs import score, vbench_env
 from jobs.generate import main as generate
 from jobs.vbench_scores import NORMALIZE, aggregate
 from pipeline.quality import temporal_flickering
@@ -76,8 +77,13 @@ def test_not_a_run_folder(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def scored_runs(tmp_path_factory, local_ray):
-    """An uncached reference run and a SpeCa run of the same manifest, scored as the job's second stage."""
+    """An uncached reference run and a SpeCa run of the same manifest, scored as the job's second stage.
+
+    VBENCH_CACHE_DIR is an empty folder: temporal flickering needs no weights, LPIPS is not provisioned.
+    """
     root = tmp_path_factory.mktemp("runs")
+    env = pytest.MonkeyPatch()
+    env.setenv("VBENCH_CACHE_DIR", str(root / "vbench-cache"))
     specs = world.eval_specs(3)
     manifest = root / "prompts.parquet"
     pq.write_table(pa.table({"id": [f"clip-{i}" for i in range(3)], "prompt": [s.prompt for s in specs],
@@ -87,7 +93,8 @@ def scored_runs(tmp_path_factory, local_ray):
     assert generate([*common, "--output", str(ref), "--speca", "off"]) == 0
     assert generate([*common, "--output", str(run), "--speca", "default", "--score", "--reference", str(ref),
                      "--dimensions", "temporal_flickering"]) == 0
-    return ref, run
+    yield ref, run
+    env.undo()
 
 
 def test_report_files_and_vbench_scores(scored_runs):
@@ -104,6 +111,9 @@ def test_report_files_and_vbench_scores(scored_runs):
     assert sorted(scores["id"]) == ["clip-0", "clip-1", "clip-2"]
     assert scores["vbench_temporal_flickering"].notna().all()
     assert vb["means"]["temporal_flickering"] == pytest.approx(scores["vbench_temporal_flickering"].mean(), abs=1e-9)
+    raw = json.loads((report / "vbench_eval_results.json").read_text())["temporal_flickering"]
+    assert {v["video_path"]: v["video_results"] for v in raw[1]} == {
+        f"videos/{i}.mp4": x for i, x in zip(scores["id"], scores["vbench_temporal_flickering"])}
     # Our weight-free formula on PyAV-decoded frames agrees with vbench's (OpenCV decoding).
     np.testing.assert_allclose(scores["flicker"], scores["vbench_temporal_flickering"], atol=2e-3)
     assert "partial" in (report / "report.md").read_text().lower()
@@ -152,3 +162,42 @@ def test_report_renders_in_headless_chromium(scored_runs, tmp_path):
     assert "temporal_flickering" in dom and 'href="../videos/clip-0.mp4"' in dom
     for src in ("steps_histogram.png", "acceptance_per_step.png", "speedup_vs_quality.png", "quality_vs_steps.png"):
         assert f"src=\"{src}\"" in dom and (run / "report" / src).is_file()
+
+
+_RANDOM_LPIPS_WEIGHTS = """
+import os, sys, torch, torchvision
+root = sys.argv[1]
+os.makedirs(os.path.join(root, "lpips", "hub", "checkpoints"))
+torch.manual_seed(0)
+torch.save(torchvision.models.alexnet().state_dict(),
+           os.path.join(root, "lpips", "hub", "checkpoints", "alexnet-owt-7be5be79.pth"))
+os.environ["TORCH_HOME"] = os.path.join(root, "lpips")
+from pyiqa.archs.lpips_arch import LPIPS
+torch.save(LPIPS(pretrained=False).state_dict(), os.path.join(root, "lpips", "LPIPS_v0.1_alex-df73285e.pth"))
+"""
+
+
+def test_lpips_when_its_weights_are_provisioned(scored_runs, tmp_path, monkeypatch):
+    """The real weights cannot be downloaded here: random ones in the same files check the plumbing."""
+    ref, run = (Path(shutil.copytree(p, tmp_path / p.name)) for p in scored_runs)
+    cache = tmp_path / "vbench-cache"
+    python = vbench_env.ensure_env(vbench_env.default_env_dir())
+    subprocess.run([str(python), "-c", _RANDOM_LPIPS_WEIGHTS, str(cache)], check=True, capture_output=True,
+                   env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}, timeout=300)
+    monkeypatch.setenv("VBENCH_CACHE_DIR", str(cache))
+    assert vbench_env.missing_lpips_weights() == []
+
+    assert score.main(["--run", str(run), "--reference", str(ref), "--dimensions", "none"]) == 0
+    lpips = pq.read_table(run / "report" / "scores.parquet").column("lpips").to_pylist()
+    assert len(lpips) == 3 and all(math.isfinite(v) and v != 0.0 for v in lpips)
+    fid = json.loads((run / "report" / "scores.json").read_text())["fidelity"]
+    assert fid["LPIPS (mean over videos)"] == pytest.approx(np.mean(lpips), abs=1e-9)
+
+    assert score.main(["--run", str(ref), "--reference", str(ref), "--dimensions", "none"]) == 0
+    assert pq.read_table(ref / "report" / "scores.parquet").column("lpips").to_pylist() == [0.0, 0.0, 0.0]
+
+
+def test_lpips_not_provisioned_is_said(scored_runs):
+    fid = json.loads((scored_runs[1] / "report" / "scores.json").read_text())["fidelity"]
+    assert fid["LPIPS (mean over videos)"].startswith("not computed: weights not provisioned")
+    assert "LPIPS_v0.1_alex-df73285e.pth" in fid["LPIPS (mean over videos)"]
