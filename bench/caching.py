@@ -618,7 +618,10 @@ def write_report(rows: list[dict], meta: dict, out: Path) -> None:
         "",
     ]
     if not (g["speedup_met"] and g["batch8_met"]):
-        lines += ["## Analysis", "", "_To be written._", ""]
+        # The why is written by hand from a run's numbers and kept beside the report, so a rerun keeps it.
+        analysis = out.with_name(f"{out.stem}_analysis.md")
+        text = analysis.read_text().strip() if analysis.is_file() else "_To be written._"
+        lines += ["## Analysis", "", f"(`{analysis.name}`, written from the run it names.)", "", text, ""]
     lines += [
         "## Results",
         "",

@@ -43,7 +43,7 @@ class TrainConfig:
     vae_clip_lr: float = 1.0e-3
     vae_kl_weight: float = 3e-5
     vae_fg_weight: float = 5.0
-    latent_pool: int = 8192
+    latent_pool: int = 4096
     dit_steps: int = 1800
     dit_batch: int = 24
     dit_lr: float = 1e-3
