@@ -16,6 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
+from matplotlib.ticker import MaxNLocator
 
 PLOTS = {
     "steps_histogram.png": "Full-compute steps per sample",
@@ -54,6 +55,8 @@ def make_plots(scores: pd.DataFrame, out: Path) -> list[str]:
     ax.hist(used, bins=range(int(used.min()), int(used.max()) + 2), align="left", rwidth=0.85, color="#3b6ea5")
     ax.set_xlabel(f"steps computed in full (of {steps})")
     ax.set_ylabel("samples")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(PLOTS["steps_histogram.png"])
     fig.tight_layout()
     fig.savefig(out / "steps_histogram.png", dpi=110)
