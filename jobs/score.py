@@ -138,8 +138,8 @@ def score_run(args) -> dict:
     storage, record, samples = _open_run(args.run, args.storage_options, "--run")
     reference = None
     if args.reference:
-        ref_storage, ref_record, ref_samples = _open_run(args.reference, args.storage_options, "--reference")
-        reference = (ref_storage, {s.id: s for s in ref_samples}, ref_record)
+        ref_storage, _, ref_samples = _open_run(args.reference, args.storage_options, "--reference")
+        reference = (ref_storage, {s.id: s for s in ref_samples})
         for s in samples:
             r = reference[1].get(s.id)
             if r is None:
