@@ -2,7 +2,7 @@
 
 Each world size is one `spawn_local` launch whose ranks run every scenario under every
 layout and return their results; the single-process results come from this process. The
-tiny transformer has 4 heads, 2 double + 4 single blocks; 32x32x17 is 320 video tokens,
+tiny transformer has 8 heads, 2 double + 4 single blocks; 32x32x17 is 320 video tokens,
 prompts are padded to 16 text tokens (the two prompts have different lengths).
 """
 
@@ -16,6 +16,7 @@ import torch
 from pipeline.config import InvalidRequest
 from pipeline.parallel import ParallelConfig, ShardLayout, create_groups, spawn_local
 from pipeline.parallel.comm import transformer_comm_bytes
+from pipeline.tiny.build import TRANSFORMER_CONFIG
 from speca import SpeCaConfig
 
 PROMPTS = ["a red circle moving left on a blue background", "a square"]  # 10 and 3 tokens
@@ -215,7 +216,8 @@ def test_bad_degrees_name_the_field(world):
     for rank in ranks:
         assert "ulysses_degree * ring_degree" in rank["errors"]["product"]
         assert f"world size ({n})" in rank["errors"]["product"]
-        assert "ulysses_degree" in rank["errors"]["heads"] and "head count (4)" in rank["errors"]["heads"]
+        heads = TRANSFORMER_CONFIG["num_attention_heads"]
+        assert "ulysses_degree" in rank["errors"]["heads"] and f"head count ({heads})" in rank["errors"]["heads"]
 
 
 def test_shard_layout():

@@ -28,7 +28,7 @@ from . import world
 BUNDLED_MODEL_DIR = Path(__file__).resolve().parent / "model"
 
 TRANSFORMER_CONFIG = dict(
-    in_channels=16, out_channels=16, num_attention_heads=4, attention_head_dim=16, num_layers=2,
+    in_channels=16, out_channels=16, num_attention_heads=8, attention_head_dim=16, num_layers=2,
     num_single_layers=4, num_refiner_layers=1, mlp_ratio=4.0, patch_size=1, patch_size_t=1,
     qk_norm="rms_norm", guidance_embeds=False, text_embed_dim=64, pooled_projection_dim=32,
     rope_theta=256.0, rope_axes_dim=(4, 6, 6),

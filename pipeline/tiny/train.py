@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import world
-from .build import FLOW_SHIFT, GENERATION_DEFAULTS, build_pipeline, save
+from .build import FLOW_SHIFT, GENERATION_DEFAULTS, TRANSFORMER_CONFIG, build_pipeline, save
 
 
 @dataclass
@@ -44,7 +44,7 @@ class TrainConfig:
     vae_kl_weight: float = 3e-5
     vae_fg_weight: float = 5.0
     latent_pool: int = 4096
-    dit_steps: int = 1800
+    dit_steps: int = 4000
     dit_batch: int = 24
     dit_lr: float = 1e-3
     dit_ema: float = 0.998
@@ -290,11 +290,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument("--device", default="cpu", help="cpu (the reference: ~1 hour on 2 cores) or cuda")
     parser.add_argument("--init-from", help="a trained model folder: skip the VAE, continue its transformer")
+    parser.add_argument("--new-transformer", action="store_true",
+                        help="with --init-from: keep its VAE, text encoders and scaling, but train a transformer "
+                             "of the current architecture (build.TRANSFORMER_CONFIG) from its seeded init")
     parser.add_argument("--dit-steps", type=int, help="override the transformer steps")
     parser.add_argument("--dit-lr", type=float, help="override the transformer peak learning rate")
     parser.add_argument("--dit-fg-weight", type=float,
                         help="loss weight of latents under the shape relative to the background (default 1)")
     args = parser.parse_args(argv)
+    if args.new_transformer and not args.init_from:
+        parser.error("--new-transformer needs --init-from (a model whose VAE and text encoders to keep)")
 
     cfg = TrainConfig.smoke() if args.smoke else TrainConfig()
     cfg = replace(cfg, **{k: v for k, v in (("dit_steps", args.dit_steps), ("dit_lr", args.dit_lr),
@@ -312,9 +317,12 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.init_from:
         # Continue the transformer of a trained model: keep its VAE, text encoders and scaling.
-        from diffusers import HunyuanVideoPipeline
+        from diffusers import HunyuanVideoPipeline, HunyuanVideoTransformer3DModel
 
         pipe = HunyuanVideoPipeline.from_pretrained(args.init_from).to(args.device)
+        if args.new_transformer:
+            torch.manual_seed(cfg.seed)
+            pipe.register_modules(transformer=HunyuanVideoTransformer3DModel(**TRANSFORMER_CONFIG).to(args.device))
         for m in (pipe.vae, pipe.transformer, pipe.text_encoder, pipe.text_encoder_2):
             m.eval().requires_grad_(False)
         torch.save(pipe.vae.state_dict(), workdir / "vae.pt")
