@@ -29,7 +29,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import world
-from .build import FLOW_SHIFT, GENERATION_DEFAULTS, TRANSFORMER_CONFIG, build_pipeline, save
+from .build import (
+    FLOW_SHIFT,
+    GENERATION_DEFAULTS,
+    TRANSFORMER_CONFIG,
+    build_pipeline,
+    save,
+)
 
 
 @dataclass
