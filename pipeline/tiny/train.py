@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true", help="a few steps of every stage, for CI")
     parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument("--device", default="cpu", help="cpu (the reference: ~2 hours on 2 cores) or cuda (minutes)")
-    parser.add_argument("--init-from", help="a trained model folder: skip the VAE, continue its transformer")
+    parser.add_argument("--init-from", help="a trained model folder: skip the VAE, continue its transformer (or see --new-transformer)")
     parser.add_argument("--new-transformer", action="store_true",
                         help="with --init-from: keep its VAE, text encoders and scaling, but train a transformer "
                              "of the current architecture (build.TRANSFORMER_CONFIG) from its seeded init")
@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
         log_file.flush()
 
     if args.init_from:
-        # Continue the transformer of a trained model: keep its VAE, text encoders and scaling.
+        # Keep a trained model's VAE, text encoders and scaling; continue its transformer or start a new one.
         from diffusers import HunyuanVideoPipeline, HunyuanVideoTransformer3DModel
 
         pipe = HunyuanVideoPipeline.from_pretrained(args.init_from).to(args.device)
