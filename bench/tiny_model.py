@@ -3,8 +3,9 @@
     python -m bench.tiny_model [--model bundled] [--prompts 48] [--out bench/results/tiny_model.md]
 
 1. Adherence: the 48 held-out evaluation clips (`world.eval_specs`: seeds never used in training,
-   a third of them with (colour, shape) pairs never seen together) are generated with full compute
-   (no caching) at the model's default settings and scored by the weight-free scorer. The scorer
+   every third one forced to a (colour, shape) pair never seen together, the rest drawn freely, so
+   25 of the 48 are such pairs) are generated with full compute (no caching) at the model's
+   default settings and scored by the weight-free scorer. The scorer
    is also run on the ground-truth clips and on their VAE reconstructions, which cap what
    generation can reach.
 2. Speed: wall seconds to generate one clip at the default settings, no cache and SpeCa default.

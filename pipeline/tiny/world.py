@@ -156,7 +156,10 @@ def render(spec: ClipSpec, height: int = HEIGHT, width: int = WIDTH, num_frames:
 
 
 def eval_specs(n: int = 48, *, height: int = HEIGHT, width: int = WIDTH, num_frames: int = NUM_FRAMES) -> list[ClipSpec]:
-    """A fixed held-out evaluation set: unseen seeds; every third clip uses a held-out pair."""
+    """A fixed held-out evaluation set: unseen seeds; every third clip uses a held-out pair.
+
+    The other clips draw shape and colour freely, so some of them are held-out pairs too (25 of 48).
+    """
     held = sorted(HELD_OUT_PAIRS)
     specs = []
     for i in range(n):
