@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -45,10 +46,12 @@ from pipeline.video_io import decode_mp4
 from pipeline.writer import video_path
 
 from . import vbench_env
-from .report import write_report
+from .report import ReportInputs, fidelity_rows, fmt, run_rows, write_report
+from .strips import frame_strip
 from .vbench_scores import aggregate
 
 DEFAULT_DIMENSIONS = ("temporal_flickering",)
+DEFAULT_GALLERY = 48
 
 
 class ScoreError(Exception):
@@ -68,6 +71,10 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
                        help="VBench virtualenv folder, built there if missing "
                             f"(default: $SPECA_VBENCH_ENV or {vbench_env.default_env_dir()})")
     group.add_argument("--vbench-device", default="cpu", help="device for vbench's models (cpu or cuda)")
+    group.add_argument("--gallery", type=int, default=DEFAULT_GALLERY,
+                       help="how many clips the report shows as frame strips, worst first (lowest PSNR to the "
+                            "reference, else lowest VBench score, else lowest temporal-flickering score); "
+                            f"0 for none (default: {DEFAULT_GALLERY})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,8 +138,26 @@ def _adherence(frames: np.ndarray, prompt: str) -> dict[str, float]:
     return {**{f"adherence_{k}": float(v) for k, v in result.items()}, "adherence_all": float(all(result.values()))}
 
 
+def _reference_href(run_url: str, reference_url: str) -> str | None:
+    """Where the report (at <run>/report/) finds the reference's videos: relative for local folders, else the URL
+    when a browser can open it (http), else None (s3:// links do not open in a browser)."""
+    if "://" not in run_url and "://" not in reference_url:
+        return os.path.relpath(Path(reference_url).resolve() / "videos", Path(run_url).resolve() / "report")
+    if reference_url.startswith(("http://", "https://")):
+        return reference_url.rstrip("/") + "/videos"
+    return None
+
+
+def _device_seconds(s: SampleStats, ranks: int) -> float:
+    """Accelerator (or CPU process) seconds one video cost: its batch's text, denoise and decode wall time times the
+    ranks that ran it, shared by the batch's samples."""
+    return (s.seconds_text + s.seconds_denoise + s.seconds_decode) * ranks / max(s.batch_size, 1)
+
+
 def score_run(args) -> dict:
     """Score one run; returns the summary written to report/scores.json."""
+    if args.gallery < 0:
+        raise ScoreError(f"--gallery {args.gallery}: expected 0 (no gallery) or a positive number of clips")
     dims = parse_dimensions(args.dimensions)
     vbench_env.check_weights(dims)  # before any download or environment build
     storage, record, samples = _open_run(args.run, args.storage_options, "--run")
@@ -159,7 +184,9 @@ def score_run(args) -> dict:
         python = vbench_env.ensure_env(Path(args.vbench_env or vbench_env.default_env_dir()), log=_log)
 
     bundled = record.get("model") == "bundled"
+    ranks = int((record.get("config") or {}).get("ranks_per_replica") or 1)
     rows = []
+    strips, ref_strips = {}, {}  # JPEG bytes per id; a few KB each, written only for the clips the gallery shows
     with tempfile.TemporaryDirectory(prefix="speca-score-") as tmp:
         videos, ref_videos = Path(tmp) / "videos", Path(tmp) / "reference"
         videos.mkdir()
@@ -173,7 +200,9 @@ def score_run(args) -> dict:
                    "num_inference_steps": s.num_inference_steps, "step_pattern": s.step_pattern,
                    "full_steps_used": s.full_steps + s.spec_rejected, "spec_accepted": s.spec_accepted,
                    "flops_speedup": 1.0 / s.flops_ratio if s.flops_ratio > 0 else math.nan,
-                   "seconds_denoise": s.seconds_denoise, "flicker": temporal_flickering(frames)}
+                   "seconds_denoise": s.seconds_denoise, "device_seconds": _device_seconds(s, ranks),
+                   "flicker": temporal_flickering(frames)}
+            strips[s.id] = frame_strip(frames)
             if reference is not None:
                 ref_data = _read_video(reference[0], s.id, "--reference")
                 (ref_videos / f"{s.id}.mp4").write_bytes(ref_data)
@@ -182,8 +211,11 @@ def score_run(args) -> dict:
                     raise ScoreError(f"--reference: video {s.id!r} is {ref_frames.shape}, the run's is {frames.shape}")
                 row["psnr"], row["ssim"] = psnr(frames, ref_frames), ssim(frames, ref_frames)
                 row["identical_to_reference"] = bool(math.isinf(row["psnr"]))
+                ref_strips[s.id] = frame_strip(ref_frames)
             if bundled:
                 row.update(_adherence(frames, s.prompt))
+                if reference is not None and "adherence_all" in row:
+                    row["reference_adherence_all"] = _adherence(ref_frames, s.prompt)["adherence_all"]
             rows.append(row)
             if (i + 1) % 10 == 0 or i + 1 == len(samples):
                 _log(f"[jobs.score] decoded and measured {i + 1}/{len(samples)} videos ({time.time() - started:.0f} s)")
@@ -210,7 +242,10 @@ def score_run(args) -> dict:
             means[dim] = float(vbench_result[dim][0])
         summary = _summary(args, record, scores, means, reference is not None, lpips_missing)
         report_dir = Path(tmp) / "report"
-        written = write_report(scores, summary, report_dir)
+        inputs = ReportInputs(strips=strips, reference_strips=ref_strips, gallery=args.gallery,
+                              reference_videos_href=_reference_href(args.run, args.reference) if args.reference
+                              else None)
+        written = write_report(scores, summary, report_dir, inputs)
         for name in written:
             storage.write_bytes(f"report/{name}", (report_dir / name).read_bytes())
     storage.write_bytes("report/scores.json", (json.dumps(_jsonable(summary), indent=2, allow_nan=False) + "\n").encode())
@@ -231,32 +266,44 @@ def _jsonable(v):
     return v
 
 
-def _finite_mean(values) -> float | None:
-    """Mean over the videos that differ from the reference (identical ones have infinite PSNR)."""
-    v = [x for x in values if math.isfinite(x)]
-    return float(np.mean(v)) if v else None
+def _finite(values) -> list[float]:
+    """The videos that differ from the reference (identical ones have infinite PSNR)."""
+    return [x for x in values if math.isfinite(x)]
+
+
+def _finite_stat(values, stat) -> float | None:
+    v = _finite(values)
+    return float(stat(v)) if v else None
 
 
 def _summary(args, record: dict, scores: pd.DataFrame, means: dict[str, float], has_reference: bool,
              lpips_missing: list[str]) -> dict:
-    speca = (record.get("config") or {}).get("speca")
+    config = record.get("config") or {}
     total_flops_speedup = float(len(scores) / np.sum(1.0 / scores["flops_speedup"]))
+    device = sorted({str(p.get("device")) for p in record.get("replicas") or [] if p.get("device")})
     run = {"output": record.get("output", args.run), "model": record.get("model"), "samples": len(scores),
-           "speca": json.dumps(speca) if speca else "off",
+           "speca": "on" if config.get("speca") else "off",
            "FLOPs speedup (run)": total_flops_speedup,
            "FLOPs saved": 1.0 - 1.0 / total_flops_speedup,
            "mean steps in full": float(scores["full_steps_used"].mean()),
+           "steps per sample": int(scores["num_inference_steps"].max()),
+           "device": ", ".join(device) or "unknown",
+           "device seconds per video (mean)": float(scores["device_seconds"].mean()),
+           "device seconds per video (p90)": float(scores["device_seconds"].quantile(0.9)),
            "samples per hour": record.get("samples_per_hour"), "wall seconds": record.get("wall_seconds"),
            "reference": args.reference or "none"}
-    summary = {"run": run, "per_sample": scores.to_dict(orient="records")}
+    summary = {"run": run, "config": config, "per_sample": scores.to_dict(orient="records")}
     if means:
         agg = aggregate(means)
         summary["vbench"] = {**agg.to_dict(), "means": means, "vbench_version": vbench_env.VBENCH_VERSION}
     if has_reference:
         identical = bool(np.isinf(scores["psnr"]).all())
         summary["fidelity"] = {
-            "PSNR dB (mean over videos)": "identical" if identical else _finite_mean(scores["psnr"].tolist()),
+            "PSNR dB (mean over videos)": "identical" if identical else _finite_stat(scores["psnr"].tolist(), np.mean),
+            "PSNR dB (p10)": "identical" if identical else float(np.percentile(scores["psnr"], 10)),
+            "PSNR dB (worst video)": "identical" if identical else float(scores["psnr"].min()),
             "SSIM (mean over videos)": float(scores["ssim"].mean()),
+            "SSIM (worst video)": float(scores["ssim"].min()),
             "videos identical to the reference": int(np.isinf(scores["psnr"]).sum()),
             "all identical": identical,
             "LPIPS (mean over videos)": (float(scores["lpips"].mean()) if "lpips" in scores else
@@ -287,16 +334,15 @@ def run(args) -> int:
 
 
 def _print_summary(summary: dict) -> str:
-    lines = ["", "jobs.score summary", "-" * 40]
-    lines += [f"{k}: {v}" for k, v in summary["run"].items()]
+    rows = run_rows(summary)
     if "vbench" in summary:
         vb = summary["vbench"]
-        lines += [f"VBench {d}: {vb['means'][d]:.4f}" for d in vb["ran"]]
-        lines.append(f"VBench Quality {'(partial) ' if vb['partial'] else ''}{vb['quality']}")
-    if "fidelity" in summary:
-        lines += [f"{k}: {v}" for k, v in summary["fidelity"].items()]
-    lines.append(f"report: {summary['run']['output']}/report/index.html")
-    return "\n".join(lines)
+        rows += [(f"VBench {d}", f"{vb['means'][d]:.4f}") for d in vb["ran"]]
+        rows.append((f"VBench Quality{' (partial)' if vb['partial'] else ''}", fmt(vb["quality"], "pct")))
+    rows += fidelity_rows(summary)
+    width = max(len(k) for k, _ in rows)
+    lines = ["", "jobs.score summary", "-" * (width + 14)] + [f"{k.ljust(width)}  {v}" for k, v in rows]
+    return "\n".join([*lines, f"report: {summary['run']['output']}/report/index.html"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ installs it).
 
 import json
 import math
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -20,7 +21,8 @@ from PIL import Image
 from jobs import score, vbench_env
 from jobs.generate import main as generate
 from jobs.vbench_scores import NORMALIZE, aggregate
-from pipeline.quality import temporal_flickering
+from pipeline.quality import psnr, temporal_flickering
+from pipeline.video_io import decode_mp4
 from pipeline.tiny import world
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -147,8 +149,9 @@ def test_flicker_formula():
 
 def test_report_renders_in_headless_chromium(scored_runs, tmp_path):
     assert CHROMIUM, "needs Debian's chromium on PATH (the README's test command installs it)"
-    _, run = scored_runs
-    page = (run / "report" / "index.html").resolve().as_uri()
+    ref, run = scored_runs
+    report = run / "report"
+    page = (report / "index.html").resolve().as_uri()
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,2400"]
@@ -158,10 +161,35 @@ def test_report_renders_in_headless_chromium(scored_runs, tmp_path):
     assert img.shape[0] >= 2000 and img.std() > 10  # not a blank page
     dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", page], check=True, capture_output=True, text=True,
                          timeout=120).stdout
-    assert dom.count("<table") >= 4 and dom.count("<img") == 4
+    assert dom.count("<table") >= 5
     assert "temporal_flickering" in dom and 'href="../videos/clip-0.mp4"' in dom
     for src in ("steps_histogram.png", "acceptance_per_step.png", "speedup_vs_quality.png", "quality_vs_steps.png"):
-        assert f"src=\"{src}\"" in dom and (run / "report" / src).is_file()
+        assert f"src=\"{src}\"" in dom and (report / src).is_file()
+
+    # The gallery leads with the clip furthest from the reference, measured here from the videos themselves.
+    ids = [f"clip-{i}" for i in range(3)]
+    fidelity = {i: psnr(decode_mp4((run / "videos" / f"{i}.mp4").read_bytes()).frames,
+                        decode_mp4((ref / "videos" / f"{i}.mp4").read_bytes()).frames) for i in ids}
+    cards = re.findall(r'<div class="card[^"]*" id="g(\d+)" data-id="([^"]+)"', dom)
+    assert [i for _, i in cards] == sorted(ids, key=fidelity.get)
+    first = dom[dom.index('id="g1"'):dom.index('id="g2"')]
+    worst = cards[0][1]
+    assert f"PSNR {fidelity[worst]:.2f} dB" in first
+    strips = re.findall(r'<a href="([^"]+)"><img src="([^"]+)"', first)
+    assert len(strips) == 2  # this run's strip and the reference's, each linking its video
+    (run_video, run_strip), (ref_video, ref_strip) = strips
+    assert (report / run_video).resolve() == (run / "videos" / f"{worst}.mp4").resolve()
+    assert (report / ref_video).resolve() == (ref / "videos" / f"{worst}.mp4").resolve()
+    # Each strip shows its own clip: its first tile matches the clip's first frame (JPEG, enlarged by whole pixels).
+    for strip, root in ((run_strip, run), (ref_strip, ref)):
+        frame = decode_mp4((root / "videos" / f"{worst}.mp4").read_bytes()).frames[0].astype(int)
+        tiles = np.asarray(Image.open(report / strip).convert("RGB")).astype(int)
+        scale = tiles.shape[0] // frame.shape[0]
+        tile = tiles[:frame.shape[0] * scale, :frame.shape[1] * scale][::scale, ::scale]
+        assert np.abs(tile - frame).mean() < 8, strip
+    pattern = re.search(r'aria-label="step pattern ([FSR]+)"', first).group(1)
+    stats = pq.read_table(run / "stats").to_pandas().set_index("id")
+    assert pattern == stats.loc[worst, "step_pattern"]
 
 
 _RANDOM_LPIPS_WEIGHTS = """
