@@ -113,6 +113,8 @@ RUN_FIELDS = (  # summary["run"] key, label, kind
     ("steps per sample", "denoising steps per sample", "int"), ("device", "device", ""),
     ("device seconds per video (mean)", "device seconds per video (mean)", "s"),
     ("device seconds per video (p90)", "device seconds per video (p90)", "s"),
+    ("peak memory per rank (max)", "peak memory per rank (max)", "bytes"),
+    ("SpeCa cache per batch (max)", "SpeCa feature cache per batch (max)", "bytes"),
     ("samples per hour", "throughput (last generate call)", "rate"), ("wall seconds", "wall time", "s"),
     ("reference", "reference run", ""),
 )
@@ -138,29 +140,31 @@ def _config_value(v) -> str:
         return "none"
     if isinstance(v, (list, tuple)):
         return ", ".join(map(str, v))
-    return fmt(v)
+    return fmt(v) if isinstance(v, bool) else str(v)  # settings exactly as given
 
 
 # ---- which clips to look at first ----------------------------------------------------------------------------
 
 
-def quality_column(scores: pd.DataFrame) -> tuple[str, str]:
-    """The per-sample quality that orders the review and is plotted against speed (higher is better): PSNR to the
-    reference, else a VBench dimension, else our weight-free temporal-flickering score."""
+def quality_column(scores: pd.DataFrame) -> tuple[str, str, str]:
+    """The per-sample quality that orders the review and is plotted against speed (higher is better), as
+    (column, axis label, name in a sentence): PSNR to the reference, else a VBench dimension, else our weight-free
+    temporal-flickering score."""
     if "psnr" in scores and scores["psnr"].notna().any():
-        return "psnr", "PSNR to the uncached reference (dB)"
+        return "psnr", "PSNR to the uncached reference (dB)", "PSNR to the uncached reference"
     for col in scores.columns:
         if col.startswith("vbench_") and scores[col].notna().any():
-            return col, f"VBench {col.removeprefix('vbench_').replace('_', ' ')}"
-    return "flicker", "temporal flickering score (weight-free, ours)"
+            name = f"VBench {col.removeprefix('vbench_').replace('_', ' ')}"
+            return col, name, name
+    return "flicker", "temporal flickering score (weight-free, ours)", "temporal flickering score (ours)"
 
 
 def review_order(scores: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     """The samples worst first (ties by id), and the order said in words."""
-    col, label = quality_column(scores)
+    col, _, name = quality_column(scores)
     ordered = (scores.assign(_key=scores[col].astype(float)).sort_values(["_key", "id"], na_position="last",
                                                                          kind="stable").drop(columns="_key"))
-    return ordered.reset_index(drop=True), f"lowest {label} first"
+    return ordered.reset_index(drop=True), f"lowest {name} first"
 
 
 def _scorer_verdict(row: pd.Series) -> str | None:
@@ -175,8 +179,8 @@ def _scorer_verdict(row: pd.Series) -> str | None:
 
 
 def _flags(row: pd.Series) -> list[tuple[str, bool]]:
-    """Badges of a clip as (text, alarming): the scorer failing a clip whose reference passes is what caching broke;
-    a reference that fails too is the model's own miss."""
+    """Badges of a clip as (text, alarming): the scorer failing a clip whose reference passes is what caching broke
+    (alarming); a reference that fails too is the model's own miss, shown but not counted against the run."""
     verdict = _scorer_verdict(row)
     if verdict is None:
         return []
@@ -186,7 +190,7 @@ def _flags(row: pd.Series) -> list[tuple[str, bool]]:
     if verdict == "pass":
         return [] if ref else [("the reference fails the scorer, this clip passes", False)]
     return [(f"scorer {verdict}; the reference passes", True)] if ref else [(f"scorer {verdict} (the reference too)",
-                                                                             True)]
+                                                                             False)]
 
 
 def flagged(row: pd.Series) -> bool:
@@ -230,7 +234,7 @@ def make_plots(scores: pd.DataFrame, out: Path) -> list[str]:
     fig.savefig(out / "acceptance_per_step.png", dpi=110)
     plt.close(fig)
 
-    col, label = quality_column(scores)
+    col, label, _ = quality_column(scores)
     for name, xcol, xlabel in (("speedup_vs_quality.png", "flops_speedup", "FLOPs speedup vs no caching (x)"),
                                ("quality_vs_steps.png", "full_steps_used", "steps computed in full")):
         fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -278,9 +282,16 @@ def _sort_key(v):
     return v.item() if hasattr(v, "item") else v
 
 
+def _device_word(device: str) -> str:
+    kinds = {d.strip().split(":")[0] for d in device.split(",")}
+    return {frozenset({"cuda"}): "GPU", frozenset({"cpu"}): "CPU"}.get(frozenset(kinds), "device")
+
+
 def run_rows(summary: dict) -> list[tuple[str, str]]:
     run = summary["run"]
-    rows = [(label, fmt(run[key], kind) if kind != "f1" else f"{run[key]:.1f}") for key, label, kind in RUN_FIELDS
+    word = _device_word(str(run.get("device", "")))
+    rows = [(label.replace("device seconds", f"{word} seconds"),
+             fmt(run[key], kind) if kind != "f1" else f"{run[key]:.1f}") for key, label, kind in RUN_FIELDS
             if key in run and not (kind == "f1" and _missing(run[key]))]
     return rows + [(k, fmt(v)) for k, v in run.items() if k not in {f[0] for f in RUN_FIELDS}]
 
@@ -314,8 +325,11 @@ def _headline(summary: dict, scores: pd.DataFrame) -> list[tuple[str, str]]:
         tiles.append((fmt(fid["PSNR dB (mean over videos)"], "db"), "mean PSNR to reference"))
         tiles.append((fmt(fid["PSNR dB (worst video)"], "db"), "worst clip PSNR"))
     if "adherence_all" in scores:
-        tiles.append((fmt(sum(flagged(r) for _, r in scores.iterrows()), "int"), "clips the scorer flags"))
-    tiles.append((fmt(run.get("device seconds per video (mean)"), "s"), "device time per video"))
+        label = ("clips the scorer fails, reference passes" if "reference_adherence_all" in scores
+                 else "clips the scorer fails")
+        tiles.append((fmt(sum(flagged(r) for _, r in scores.iterrows()), "int"), label))
+    tiles.append((fmt(run.get("device seconds per video (mean)"), "s"),
+                  f"{_device_word(str(run.get('device', '')))} time per video"))
     if not _missing(run.get("samples per hour")):
         tiles.append((f"{run['samples per hour']:,.0f}", "samples per hour"))
     return tiles
@@ -362,6 +376,7 @@ figure img{height:72px;image-rendering:pixelated;border:1px solid #d5dbe1}.nostr
 .pat{display:flex;margin-top:6px}.pat i{width:8px;height:12px;margin-right:1px}
 i.F{background:#9aa5b1}i.S{background:#2e8b57}i.R{background:#c0392b}
 .legend i{display:inline-block;width:10px;height:10px;margin:0 3px 0 10px}
+#samples td{white-space:nowrap}#samples td:nth-child(3){white-space:normal;min-width:220px}
 #samples th{cursor:pointer;user-select:none}#samples th.asc::after{content:" \\25B2"}
 #samples th.desc::after{content:" \\25BC"}#pager button{margin:0 4px}
 """
@@ -492,8 +507,9 @@ def write_report(scores: pd.DataFrame, summary: dict, out: Path, inputs: ReportI
                 written.add(name)
 
     n = len(ordered)
-    gallery_text = (f"The {len(shown):,} of {n:,} samples to look at first, {order_text}."
-                    + (f" The other {n - len(shown):,} are in the table below." if n > len(shown) else ""))
+    gallery_text = (f"The {len(shown):,} of {n:,} samples to look at first, {order_text}; the other "
+                    f"{n - len(shown):,} are in the table below." if n > len(shown) else
+                    f"All {n:,} samples, {order_text}.")
     columns = sample_columns(ordered)
     cells = [[f(r[c]) for c, _, f in columns] for _, r in ordered.iterrows()]
     run_table, vb_rows, fid_rows = run_rows(summary), _vbench_rows(summary), fidelity_rows(summary)

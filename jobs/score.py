@@ -201,6 +201,7 @@ def score_run(args) -> dict:
                    "full_steps_used": s.full_steps + s.spec_rejected, "spec_accepted": s.spec_accepted,
                    "flops_speedup": 1.0 / s.flops_ratio if s.flops_ratio > 0 else math.nan,
                    "seconds_denoise": s.seconds_denoise, "device_seconds": _device_seconds(s, ranks),
+                   "peak_memory_bytes": s.peak_memory_bytes, "cache_bytes": s.cache_bytes,
                    "flicker": temporal_flickering(frames)}
             strips[s.id] = frame_strip(frames)
             if reference is not None:
@@ -290,6 +291,8 @@ def _summary(args, record: dict, scores: pd.DataFrame, means: dict[str, float], 
            "device": ", ".join(device) or "unknown",
            "device seconds per video (mean)": float(scores["device_seconds"].mean()),
            "device seconds per video (p90)": float(scores["device_seconds"].quantile(0.9)),
+           "peak memory per rank (max)": int(scores["peak_memory_bytes"].max()),
+           "SpeCa cache per batch (max)": int(scores["cache_bytes"].max()),
            "samples per hour": record.get("samples_per_hour"), "wall seconds": record.get("wall_seconds"),
            "reference": args.reference or "none"}
     summary = {"run": run, "config": config, "per_sample": scores.to_dict(orient="records")}
