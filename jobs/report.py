@@ -66,6 +66,26 @@ def _missing(v) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v))
 
 
+def _seconds(v: float) -> str:
+    if v < 1:
+        return f"{1000 * v:.0f} ms"
+    if v < 120:
+        return f"{v:.1f} s"
+    return f"{v / 60:.1f} min" if v < 7200 else f"{v / 3600:.1f} h"
+
+
+def _bytes(v: float) -> str:
+    unit, size = next(((u, s) for u, s in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)) if abs(v) >= s), ("B", 1))
+    return f"{v / size:.1f} {unit}" if size > 1 else f"{int(v)} B"
+
+
+_KINDS: dict[str, Callable[[float], str]] = {
+    "x": lambda v: f"{v:.2f}x", "pct": lambda v: f"{100 * v:.1f}%", "ssim": lambda v: f"{v:.4f}",
+    "f4": lambda v: f"{v:.4f}", "int": lambda v: f"{int(v):,}", "rate": lambda v: f"{v:,.1f} per hour",
+    "s": _seconds, "bytes": _bytes,
+}
+
+
 def fmt(v, kind: str = "") -> str:
     """One value as a person reads it: `kind` is x (speedup), pct, db, ssim, s (seconds), bytes, int, rate, f4."""
     if _missing(v):
@@ -78,29 +98,8 @@ def fmt(v, kind: str = "") -> str:
         return "identical" if math.isinf(v) and v > 0 else f"{v:.2f} dB"
     if isinstance(v, float) and math.isinf(v):
         return "inf" if v > 0 else "-inf"
-    if kind == "x":
-        return f"{v:.2f}x"
-    if kind == "pct":
-        return f"{100 * v:.1f}%"
-    if kind == "ssim":
-        return f"{v:.4f}"
-    if kind == "s":
-        if v < 1:
-            return f"{1000 * v:.0f} ms"
-        if v < 120:
-            return f"{v:.1f} s"
-        return f"{v / 60:.1f} min" if v < 7200 else f"{v / 3600:.1f} h"
-    if kind == "bytes":
-        for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-            if abs(v) >= size:
-                return f"{v / size:.1f} {unit}"
-        return f"{int(v)} B"
-    if kind == "int":
-        return f"{int(v):,}"
-    if kind == "rate":
-        return f"{v:,.1f} per hour"
-    if kind == "f4":
-        return f"{v:.4f}"
+    if kind in _KINDS:
+        return _KINDS[kind](v)
     if isinstance(v, int):
         return f"{v:,}"
     return f"{v:.3f}" if isinstance(v, float) else str(v)
