@@ -1,0 +1,147 @@
+"""Weight-free scorer for world v2: count, colour, shape and motion of every object, and the background.
+
+Every pixel is labelled with its nearest palette colour (textures change brightness by less than
+the gap between palette colours). The background is the border's majority label; each other
+colour's pixels, split into connected pieces per frame, are that colour's objects, so a
+duplicated object (two pieces of one colour) fails the count. An object's shape comes from the
+frames where it shows most of itself (crossing objects hide each other), its motion from its
+centroid's path: direction, and pace from the distance covered per frame.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from .world import COLORS, SHAPES, _shape_mask
+from .world_v2 import SPEEDS, parse_prompt
+
+ATTRIBUTES = ("count", "color", "shape", "motion", "background")
+_NAMES = list(COLORS)
+_PALETTE = np.asarray([COLORS[k] for k in _NAMES], np.float32)
+NEAR = 75.0  # RGB distance to a palette colour; textures move a colour by at most ~50
+MIN_PIECE = 5  # pixels; anti-aliased edges between two colours can label a few stray pixels as a third
+_STILL_PX_PER_FRAME = 0.12
+_SS = 4  # supersampling of the ideal shapes
+_PACE_SPLIT = (SPEEDS["slowly"][1] + SPEEDS["quickly"][0]) / 2  # px per frame at 32 px
+
+
+@dataclass(frozen=True)
+class ObjectEstimate:
+    color: str
+    shape: str
+    motion: str
+    pace: str | None
+
+
+@dataclass(frozen=True)
+class SceneEstimate:
+    background: str
+    count: int
+    objects: dict[str, ObjectEstimate]  # by colour; colours with more than one piece hold their largest
+
+
+def _labels(x: np.ndarray) -> np.ndarray:
+    """Nearest palette colour per pixel; -1 where none is near (the blend at an edge between two colours)."""
+    d = ((x[..., None, :] - _PALETTE) ** 2).sum(axis=-1)
+    return np.where(d.min(axis=-1) <= NEAR**2, d.argmin(axis=-1), -1)
+
+
+def _ideal(shape: str, area: float, cx: float, cy: float, h: int, w: int) -> np.ndarray:
+    """The world's own shape of the given area, centred on the centroid (a triangle's sits 1/3 r below the box
+    centre), as the pixels it covers at least half of."""
+    r = math.sqrt(area / {"circle": math.pi, "square": 4 * 0.886**2, "triangle": 2.0}[shape])
+    ys, xs = np.meshgrid((np.arange(h * _SS) + 0.5) / _SS, (np.arange(w * _SS) + 0.5) / _SS, indexing="ij")
+    cover = _shape_mask(shape, cx, cy - (r / 3 if shape == "triangle" else 0.0), r, xs, ys)
+    return cover.reshape(h, _SS, w, _SS).mean(axis=(1, 3)) >= 0.5
+
+
+def _shape(masks: list[np.ndarray]) -> str:
+    """The shape whose ideal outline overlaps the unhidden frames' masks best (intersection over union)."""
+    if not masks:
+        return "none"
+    h, w = masks[0].shape
+    fit = dict.fromkeys(SHAPES, 0.0)
+    for m in masks:
+        ys, xs = np.nonzero(m)
+        for shape in SHAPES:
+            ideal = _ideal(shape, float(m.sum()), xs.mean() + 0.5, ys.mean() + 0.5, h, w)
+            fit[shape] += (ideal & m).sum() / max((ideal | m).sum(), 1)
+    return max(fit, key=fit.get)
+
+
+def estimate(frames: np.ndarray) -> SceneEstimate:
+    """Estimate a clip's scene; frames are uint8 (T, H, W, 3)."""
+    x = np.asarray(frames)
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"frames must have shape (T, H, W, 3), got {x.shape}")
+    x = x.astype(np.float32)
+    t, h, w, _ = x.shape
+    labels = _labels(x)
+    border = np.concatenate([labels[:, 0], labels[:, -1], labels[:, :, 0], labels[:, :, -1]], axis=1).ravel()
+    bg = int(np.bincount(border[border >= 0], minlength=len(_NAMES)).argmax())
+    scale = min(h, w) / 32
+    count, objects = 0, {}
+    for c in range(len(_NAMES)):
+        if c == bg:
+            continue
+        pieces_per_frame, largest, touched = [], [], []
+        for f in range(t):
+            lab, n = ndimage.label(labels[f] == c)
+            sizes = np.bincount(lab.ravel(), minlength=n + 1)[1:]
+            keep = np.flatnonzero(sizes >= MIN_PIECE * scale * scale)
+            pieces_per_frame.append(len(keep))
+            piece = lab == (1 + keep[sizes[keep].argmax()]) if len(keep) else None
+            if piece is not None:  # a frame where it touches another object may hide part of it
+                ring = labels[f][ndimage.binary_dilation(piece, iterations=2) & ~piece]
+                touching = np.isin(ring, [k for k in range(len(_NAMES)) if k not in (c, bg)]).any()
+                touched.append(touching)
+            largest.append(piece)
+        pieces = int(np.median(pieces_per_frame))
+        if pieces == 0:
+            continue
+        count += pieces
+        seen = [(f, m) for f, m in enumerate(largest) if m is not None]
+        alone = [fm for fm, hit in zip(seen, touched) if not hit]
+        seen = alone if len(alone) >= 2 else seen
+        areas = np.asarray([m.sum() for _, m in seen])
+        seen = [fm for fm, a in zip(seen, areas) if a >= 0.85 * areas.max()]  # frames where nothing hides it
+        whole = [m for _, m in seen]
+        centroids = np.asarray([(np.nonzero(m)[1].mean(), np.nonzero(m)[0].mean()) for m in whole])
+        frame_ids = np.asarray([f for f, _ in seen])
+        q = max(1, len(seen) // 4)
+        (dx, dy), span = centroids[-q:].mean(0) - centroids[:q].mean(0), frame_ids[-q:].mean() - frame_ids[:q].mean()
+        per_frame = np.hypot(dx, dy) / max(span, 1.0) / scale * (max(t - 1, 1) / 16)
+        if per_frame < _STILL_PX_PER_FRAME:
+            motion, pace = "still", None
+        else:
+            motion = ("right" if dx > 0 else "left") if abs(dx) >= abs(dy) else ("down" if dy > 0 else "up")
+            pace = "quickly" if per_frame > _PACE_SPLIT else "slowly"
+        objects[_NAMES[c]] = ObjectEstimate(_NAMES[c], _shape(whole), motion, pace)
+    return SceneEstimate(_NAMES[bg], count, objects)
+
+
+def score(frames: np.ndarray, prompt: str) -> dict[str, bool]:
+    """Per-attribute correctness of one clip against its prompt (every object must be right)."""
+    want, background = parse_prompt(prompt)
+    got = estimate(frames)
+    found = [got.objects.get(o.color) for o in want]
+    return {
+        "count": got.count == len(want),
+        "color": set(got.objects) == {o.color for o in want},
+        "shape": all(g is not None and g.shape == o.shape for g, o in zip(found, want)),
+        "motion": all(g is not None and (g.motion, g.pace) == (o.motion, o.pace) for g, o in zip(found, want)),
+        "background": got.background == background,
+    }
+
+
+def accuracy(results: list[dict[str, bool]]) -> dict[str, float]:
+    """Per-attribute accuracy plus `all` (every attribute right) over many clips."""
+    if not results:
+        raise ValueError("accuracy() needs at least one scored clip")
+    out = {a: float(np.mean([r[a] for r in results])) for a in ATTRIBUTES}
+    out["all"] = float(np.mean([all(r.values()) for r in results]))
+    return out
