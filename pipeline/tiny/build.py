@@ -19,10 +19,14 @@ from diffusers import (
     HunyuanVideoPipeline,
     HunyuanVideoTransformer3DModel,
 )
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel, PreTrainedTokenizerFast
 
-from . import world
+from . import world, world_v2
 
 # Where the committed model lives, inside the package so a plain install carries it.
 BUNDLED_MODEL_DIR = Path(__file__).resolve().parent / "model"
@@ -57,12 +61,65 @@ GENERATION_DEFAULTS = {
     "vae_framewise": False,
 }
 
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One version of the bundled model: its world, architecture and generation defaults.
+
+    Args:
+        name: "v1" (the committed model) or "v2" (the harder world, HunyuanVideo's proportions).
+        vocabulary: every word its prompts use (the word-level tokenizers' vocabulary).
+        sample: a training clip's spec from a seed (anything with a `.prompt`).
+        render: uint8 frames (T, H, W, 3) of a spec.
+        transformer: `HunyuanVideoTransformer3DModel` keyword arguments.
+        llama_layers: depth of the frozen random Llama. The pipeline reads `hidden_states[-3]`, which for two
+            layers is the word embeddings (no word order); from three layers on they are contextual.
+        max_sequence_length: text tokens the pipeline keeps.
+        about: the world and its prompt grammar in a sentence or two, for the model card.
+    """
+
+    name: str
+    vocabulary: Callable[[], list[str]]
+    sample: Callable[[int], object]
+    render: Callable[[object], np.ndarray]
+    transformer: dict
+    llama_layers: int
+    max_sequence_length: int
+    about: str
+    height: int = world.HEIGHT
+    width: int = world.WIDTH
+    num_frames: int = world.NUM_FRAMES
+
+    def generation_defaults(self) -> dict:
+        return {**GENERATION_DEFAULTS, "height": self.height, "width": self.width, "num_frames": self.num_frames,
+                "max_sequence_length": self.max_sequence_length}
+
+
+RECIPES = {
+    "v1": Recipe("v1", world.vocabulary, world.sample_spec, world.render, TRANSFORMER_CONFIG, llama_layers=2,
+                 max_sequence_length=16, about=(
+                     "one shape (circle, square, triangle) in one of six colours moving left, right, up, down or "
+                     "standing still over a plain background of another colour. Prompts follow the grammar "
+                     "`a <colour> <shape> moving <direction> on a <colour> background` (or `standing still`).")),
+    # HunyuanVideo's proportions: twice as many single- as double-stream blocks (20 + 40 there), 12 here, so
+    # verifying one block costs 1/12 of a step; prompts of up to three objects need 24 tokens.
+    "v2": Recipe("v2", world_v2.vocabulary, world_v2.sample_scene, world_v2.render,
+                 {**TRANSFORMER_CONFIG, "num_attention_heads": 6, "num_layers": 4, "num_single_layers": 8},
+                 llama_layers=4, max_sequence_length=32, about=(
+                     "world v2 (`pipeline/tiny/world_v2.py`): 1 to 3 objects, each its own colour, shape and "
+                     "motion (slowly or quickly left, right, up, down, or standing still), crossing, with per-seed "
+                     "striped, checked or ringed textures on the background and the objects. Prompts name every "
+                     "object in drawing order: `a red circle moving quickly left and a blue square standing still "
+                     "on a green background`.")),
+}
+
 _LLAMA_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
 _CLIP_SPECIALS = ["<|startoftext|>", "<|endoftext|>"]
 
 
-def _word_tokenizer(specials: list[str], template: str, **tokens) -> PreTrainedTokenizerFast:
-    vocab = {w: i for i, w in enumerate(specials + world.vocabulary())}
+def _word_tokenizer(words: list[str], specials: list[str], template: str, **tokens) -> PreTrainedTokenizerFast:
+    vocab = {w: i for i, w in enumerate(specials + words)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=tokens["unk_token"]))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(
@@ -70,22 +127,23 @@ def _word_tokenizer(specials: list[str], template: str, **tokens) -> PreTrainedT
     return PreTrainedTokenizerFast(tokenizer_object=tok, **tokens)
 
 
-def build_tokenizers() -> tuple[PreTrainedTokenizerFast, PreTrainedTokenizerFast]:
+def build_tokenizers(recipe: Recipe = RECIPES["v1"]) -> tuple[PreTrainedTokenizerFast, PreTrainedTokenizerFast]:
     """Word-level tokenizers over the world's vocabulary, built offline."""
-    llama = _word_tokenizer(_LLAMA_SPECIALS, "<s> $A", unk_token="<unk>", bos_token="<s>",
+    words = recipe.vocabulary()
+    llama = _word_tokenizer(words, _LLAMA_SPECIALS, "<s> $A", unk_token="<unk>", bos_token="<s>",
                             eos_token="</s>", pad_token="<pad>")
-    clip = _word_tokenizer(_CLIP_SPECIALS, "<|startoftext|> $A <|endoftext|>", unk_token="<|endoftext|>",
+    clip = _word_tokenizer(words, _CLIP_SPECIALS, "<|startoftext|> $A <|endoftext|>", unk_token="<|endoftext|>",
                            bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>",
                            model_max_length=77)
     return llama, clip
 
 
-def build_pipeline(seed: int = 0) -> HunyuanVideoPipeline:
+def build_pipeline(seed: int = 0, recipe: Recipe = RECIPES["v1"]) -> HunyuanVideoPipeline:
     """A tiny HunyuanVideo pipeline with seeded random weights (fp32, CPU)."""
     torch.manual_seed(seed)
-    tokenizer, tokenizer_2 = build_tokenizers()
+    tokenizer, tokenizer_2 = build_tokenizers(recipe)
     text_encoder = LlamaModel(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=recipe.llama_layers,
         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
     text_encoder_2 = CLIPTextModel(CLIPTextConfig(
@@ -94,7 +152,7 @@ def build_pipeline(seed: int = 0) -> HunyuanVideoPipeline:
         bos_token_id=tokenizer_2.bos_token_id, eos_token_id=tokenizer_2.eos_token_id,
         pad_token_id=tokenizer_2.pad_token_id))
     vae = AutoencoderKLHunyuanVideo(**VAE_CONFIG)
-    transformer = HunyuanVideoTransformer3DModel(**TRANSFORMER_CONFIG)
+    transformer = HunyuanVideoTransformer3DModel(**recipe.transformer)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=FLOW_SHIFT)
     pipe = HunyuanVideoPipeline(text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer, vae=vae,
                                 scheduler=scheduler, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
@@ -103,11 +161,12 @@ def build_pipeline(seed: int = 0) -> HunyuanVideoPipeline:
     return pipe
 
 
-def save(pipe: HunyuanVideoPipeline, path: str | Path, card: str | None = None) -> None:
+def save(pipe: HunyuanVideoPipeline, path: str | Path, card: str | None = None,
+         recipe: Recipe = RECIPES["v1"]) -> None:
     """Write the diffusers layout plus generation defaults (and a model card)."""
     path = Path(path)
     pipe.save_pretrained(path, safe_serialization=True)
-    (path / "generation_config.json").write_text(json.dumps(GENERATION_DEFAULTS, indent=2) + "\n")
+    (path / "generation_config.json").write_text(json.dumps(recipe.generation_defaults(), indent=2) + "\n")
     if card is not None:
         (path / "README.md").write_text(card)
 
@@ -118,8 +177,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Write a tiny random-weight HunyuanVideo in diffusers layout.")
     parser.add_argument("--output", default=str(BUNDLED_MODEL_DIR), help="target folder (default: the bundled model)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="v1", help="model version (default: v1)")
     args = parser.parse_args()
-    save(build_pipeline(args.seed), args.output)
+    recipe = RECIPES[args.recipe]
+    save(build_pipeline(args.seed, recipe), args.output, recipe=recipe)
     print(f"wrote {args.output}")
 
 

@@ -34,7 +34,8 @@ from . import world
 from .build import (
     FLOW_SHIFT,
     GENERATION_DEFAULTS,
-    TRANSFORMER_CONFIG,
+    RECIPES,
+    Recipe,
     build_pipeline,
     save,
 )
@@ -87,18 +88,19 @@ def _sample_sigma(cfg: "TrainConfig", gen: torch.Generator) -> torch.Tensor:
     return cfg.sigma_shift * u / (1 + (cfg.sigma_shift - 1) * u)
 
 
-def _clips(rng: random.Random, n: int, num_frames: int) -> tuple[torch.Tensor, list[str]]:
-    """n training clips as (n, 3, T, H, W) in [-1, 1] plus their prompts."""
-    specs = [world.sample_spec(rng.randrange(world.EVAL_SEED_BASE)) for _ in range(n)]
-    frames = np.stack([world.render(s, num_frames=num_frames) for s in specs])
+def _clips(rng: random.Random, n: int, num_frames: int, recipe: Recipe) -> tuple[torch.Tensor, list[str]]:
+    """n training clips of the recipe's world as (n, 3, T, H, W) in [-1, 1] plus their prompts."""
+    specs = [recipe.sample(rng.randrange(world.EVAL_SEED_BASE)) for _ in range(n)]
+    frames = np.stack([recipe.render(s, num_frames=num_frames) for s in specs])
     x = torch.from_numpy(frames).float().div(127.5).sub(1.0).permute(0, 4, 1, 2, 3).contiguous()
     return x, [s.prompt for s in specs]
 
 
 def _foreground(x: torch.Tensor) -> torch.Tensor:
-    """Pixels of the shape: they differ from the clip's median (background) colour. (N, 1, T, H, W)."""
+    """Pixels of the shapes: they differ from the clip's median (background) colour by more than a texture
+    does (world v2's move a colour by at most 28 of 255). (N, 1, T, H, W)."""
     bg = x.flatten(2).median(dim=2).values[:, :, None, None, None]
-    return ((x - bg).abs().amax(dim=1, keepdim=True) > 0.1).float()
+    return ((x - bg).abs().amax(dim=1, keepdim=True) > 0.25).float()
 
 
 def latent_foreground(x: torch.Tensor, spatial: int, temporal: int) -> torch.Tensor:
@@ -142,9 +144,10 @@ class _Checkpoint:
         tmp.replace(self.path)
 
 
-def train_vae_stage(vae, cfg: TrainConfig, stage: str, ckpt: _Checkpoint, log, every: int, device: str) -> None:
+def train_vae_stage(vae, cfg: TrainConfig, recipe: Recipe, stage: str, ckpt: _Checkpoint, log, every: int,
+                    device: str) -> None:
     frames, steps, batch, lr = ((1, cfg.vae_frame_steps, cfg.vae_frame_batch, cfg.vae_lr) if stage == "vae_frame"
-                                else (world.NUM_FRAMES, cfg.vae_clip_steps, cfg.vae_clip_batch, cfg.vae_clip_lr))
+                                else (recipe.num_frames, cfg.vae_clip_steps, cfg.vae_clip_batch, cfg.vae_clip_lr))
     vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     start = 0
@@ -158,7 +161,7 @@ def train_vae_stage(vae, cfg: TrainConfig, stage: str, ckpt: _Checkpoint, log, e
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = _lr(step, steps, lr, warmup=max(1, steps // 20))
-        x, _ = _clips(rng, batch, frames)
+        x, _ = _clips(rng, batch, frames, recipe)
         loss, psnr = _vae_loss(vae, x.to(device), cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -172,7 +175,8 @@ def train_vae_stage(vae, cfg: TrainConfig, stage: str, ckpt: _Checkpoint, log, e
 
 
 @torch.no_grad()
-def encode_pool(pipe, cfg: TrainConfig, rescale: bool = True) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def encode_pool(pipe, cfg: TrainConfig, recipe: Recipe,
+                rescale: bool = True) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Encode a pool of training clips (posterior means) and their latent foreground masks.
 
     Sets the VAE's scaling factor unless `rescale` is off.
@@ -180,7 +184,7 @@ def encode_pool(pipe, cfg: TrainConfig, rescale: bool = True) -> tuple[torch.Ten
     rng = random.Random(f"{cfg.seed}-pool")
     latents, masks, prompts = [], [], []
     for i in tqdm(range(0, cfg.latent_pool, 32), desc="encode", mininterval=5):
-        x, p = _clips(rng, min(32, cfg.latent_pool - i), world.NUM_FRAMES)
+        x, p = _clips(rng, min(32, cfg.latent_pool - i), recipe.num_frames, recipe)
         latents.append(pipe.vae.encode(x.to(pipe.device)).latent_dist.mean)
         masks.append(latent_foreground(x, pipe.vae.config.spatial_compression_ratio,
                                        pipe.vae.config.temporal_compression_ratio).to(pipe.device))
@@ -192,17 +196,18 @@ def encode_pool(pipe, cfg: TrainConfig, rescale: bool = True) -> tuple[torch.Ten
 
 
 @torch.no_grad()
-def encode_prompts(pipe, prompts: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def encode_prompts(pipe, prompts: list[str],
+                   recipe: Recipe) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     out = {}
     template = GENERATION_DEFAULTS["prompt_template"]
     for p in sorted(set(prompts) | {""}):
         emb, pooled, mask = pipe.encode_prompt(prompt=[p], prompt_template=template, device=pipe.device,
-                                               max_sequence_length=GENERATION_DEFAULTS["max_sequence_length"])
+                                               max_sequence_length=recipe.max_sequence_length)
         out[p] = (emb[0], pooled[0], mask[0])
     return out
 
 
-def train_transformer(pipe, cfg: TrainConfig, z: torch.Tensor, fg: torch.Tensor, prompts: list[str],
+def train_transformer(pipe, cfg: TrainConfig, recipe: Recipe, z: torch.Tensor, fg: torch.Tensor, prompts: list[str],
                       ckpt: _Checkpoint, log, every: int) -> None:
     """Flow matching; latents under the shape weigh `dit_fg_weight` times the background's.
 
@@ -210,7 +215,7 @@ def train_transformer(pipe, cfg: TrainConfig, z: torch.Tensor, fg: torch.Tensor,
     background and the shape's colour, which the model gets right long before the geometry.
     """
     model = pipe.transformer
-    text = encode_prompts(pipe, prompts)
+    text = encode_prompts(pipe, prompts, recipe)
     ema = copy.deepcopy(model).requires_grad_(False)
     model.train().requires_grad_(True)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.dit_lr, betas=(0.9, 0.99), weight_decay=0.01)
@@ -262,18 +267,16 @@ MODEL_CARD = """# tiny-hunyuanvideo (moving shapes)
 
 A test and demo model, **not a video generator**. It has the exact component classes of
 HunyuanVideo in diffusers (`AutoencoderKLHunyuanVideo`, `HunyuanVideoTransformer3DModel` with token
-refiner, {num_layers} double- and {num_single_layers} single-stream blocks, `LlamaModel` and
-`CLIPTextModel` text encoders, `FlowMatchEulerDiscreteScheduler`), at about {params_m:.2f}M
-parameters, trained in this repository on a procedural world: one shape (circle, square, triangle)
-in one of six colours moving left, right, up, down or standing still over a plain background of
-another colour, {frames} frames of {height}x{width}.
+refiner, {num_layers} double- and {num_single_layers} single-stream blocks, `LlamaModel` ({llama_layers} layers)
+and `CLIPTextModel` text encoders, `FlowMatchEulerDiscreteScheduler`), at about {params_m:.2f}M
+parameters, trained in this repository on a procedural world ({recipe}), {frames} frames of {height}x{width}:
+{about}
 
-Prompts follow the grammar `a <colour> <shape> moving <direction> on a <colour> background` (or
-`standing still`). Held out of training: the (colour, shape) pairs {held_out} and all seeds
->= {eval_seed}.
+Held out of training: the (colour, shape) pairs {held_out} and all seeds >= {eval_seed}.
 
 ## Training
-`python -m pipeline.tiny.train --device {device}` (seed {seed}, {minutes:.1f} minutes wall on {device_name}):
+`python -m pipeline.tiny.train --recipe {recipe} --device {device}` (seed {seed}, {minutes:.1f} minutes wall on
+{device_name}):
 ```json
 {config}
 ```
@@ -290,6 +293,18 @@ template, VAE framewise decoding off).
 """
 
 
+VAE_ONLY_CARD = """# tiny-hunyuanvideo {recipe}: VAE stage only (work in progress)
+
+The VAE and its latent scaling factor are trained (reconstruction {psnr:.1f} dB PSNR on 32 held-out
+clips); the transformer is still its seeded random init. Continue with
+`python -m pipeline.tiny.train --recipe {recipe} --init-from <this folder> --new-transformer`.
+
+```json
+{config}
+```
+"""
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="/tmp/tiny-train", help="checkpoints and logs (resumes from here)")
@@ -297,10 +312,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true", help="a few steps of every stage, for CI")
     parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument("--device", default="cpu", help="cpu (the reference: ~2 hours on 2 cores) or cuda (minutes)")
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="v1",
+                        help="model version: v1 (the committed model) or v2 (world v2, 4 + 8 blocks, 4-layer Llama)")
+    parser.add_argument("--vae-from", help="a trained model folder whose VAE starts the VAE stages (fine-tuning it "
+                                           "on this recipe's world instead of training from the seeded init)")
     parser.add_argument("--init-from", help="a trained model folder: skip the VAE, continue its transformer (or see --new-transformer)")
     parser.add_argument("--new-transformer", action="store_true",
                         help="with --init-from: keep its VAE, text encoders and scaling, but train a transformer "
-                             "of the current architecture (build.TRANSFORMER_CONFIG) from its seeded init")
+                             "of the recipe's architecture from its seeded init")
+    parser.add_argument("--vae-only", action="store_true",
+                        help="stop after the VAE stages and the latent scaling factor; --output then holds the "
+                             "trained VAE with the seeded transformer, for `--init-from ... --new-transformer` later "
+                             "(a long run split across sessions or machines)")
+    parser.add_argument("--vae-frame-steps", type=int, help="override the single-frame VAE steps")
+    parser.add_argument("--vae-clip-steps", type=int, help="override the full-clip VAE steps")
     parser.add_argument("--dit-steps", type=int, help="override the transformer steps")
     parser.add_argument("--dit-lr", type=float, help="override the transformer peak learning rate")
     parser.add_argument("--dit-fg-weight", type=float,
@@ -308,10 +333,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.new_transformer and not args.init_from:
         parser.error("--new-transformer needs --init-from (a model whose VAE and text encoders to keep)")
+    if args.vae_from and args.init_from:
+        parser.error("--vae-from starts the VAE stages, which --init-from skips; give one of them")
+    recipe = RECIPES[args.recipe]
 
     cfg = TrainConfig.smoke() if args.smoke else TrainConfig()
-    cfg = replace(cfg, **{k: v for k, v in (("dit_steps", args.dit_steps), ("dit_lr", args.dit_lr),
-                                                        ("dit_fg_weight", args.dit_fg_weight)) if v is not None})
+    overrides = ("vae_frame_steps", "vae_clip_steps", "dit_steps", "dit_lr", "dit_fg_weight")
+    cfg = replace(cfg, **{k: getattr(args, k) for k in overrides if getattr(args, k) is not None})
     torch.set_num_threads(cfg.threads)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -330,48 +358,60 @@ def main(argv: list[str] | None = None) -> None:
         pipe = HunyuanVideoPipeline.from_pretrained(args.init_from).to(args.device)
         if args.new_transformer:
             torch.manual_seed(cfg.seed)
-            pipe.register_modules(transformer=HunyuanVideoTransformer3DModel(**TRANSFORMER_CONFIG).to(args.device))
+            pipe.register_modules(transformer=HunyuanVideoTransformer3DModel(**recipe.transformer).to(args.device))
         for m in (pipe.vae, pipe.transformer, pipe.text_encoder, pipe.text_encoder_2):
             m.eval().requires_grad_(False)
         torch.save(pipe.vae.state_dict(), workdir / "vae.pt")
     else:
-        pipe = build_pipeline(cfg.seed).to(args.device)
+        pipe = build_pipeline(cfg.seed, recipe).to(args.device)
+        if args.vae_from and not ckpt.load():
+            from diffusers import AutoencoderKLHunyuanVideo
+
+            trained = AutoencoderKLHunyuanVideo.from_pretrained(Path(args.vae_from) / "vae")
+            pipe.vae.load_state_dict(trained.state_dict())
     state = ckpt.load()
     stage = state["stage"] if state else ("dit" if args.init_from else "vae_frame")
     if stage == "vae_frame":
-        train_vae_stage(pipe.vae, cfg, "vae_frame", ckpt, log, args.checkpoint_every, args.device)
+        train_vae_stage(pipe.vae, cfg, recipe, "vae_frame", ckpt, log, args.checkpoint_every, args.device)
         torch.save(pipe.vae.state_dict(), workdir / "vae_frame.pt")
         stage = "vae_clip"
     if stage == "vae_clip":
-        train_vae_stage(pipe.vae, cfg, "vae_clip", ckpt, log, args.checkpoint_every, args.device)
+        train_vae_stage(pipe.vae, cfg, recipe, "vae_clip", ckpt, log, args.checkpoint_every, args.device)
         torch.save(pipe.vae.state_dict(), workdir / "vae.pt")
     else:
         pipe.vae.load_state_dict(torch.load(workdir / "vae.pt", map_location=args.device))
 
-    z, fg, prompts = encode_pool(pipe, cfg, rescale=not args.init_from)
+    z, fg, prompts = encode_pool(pipe, cfg, recipe, rescale=not args.init_from)
     with torch.no_grad():
-        x, _ = _clips(random.Random(f"{cfg.seed}-val"), 32, world.NUM_FRAMES)
+        x, _ = _clips(random.Random(f"{cfg.seed}-val"), 32, recipe.num_frames, recipe)
         x = x.to(args.device)
         rec = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
         vae_psnr = 10 * math.log10(4.0 / F.mse_loss(rec, x).item())
     log({"stage": "vae_eval", "psnr": vae_psnr, "scaling_factor": pipe.vae.config.scaling_factor})
     print(f"VAE reconstruction {vae_psnr:.2f} dB; latent scaling factor {pipe.vae.config.scaling_factor:.4f}")
+    if args.vae_only:
+        if args.output:
+            save(pipe, args.output, recipe=recipe, card=VAE_ONLY_CARD.format(recipe=recipe.name, psnr=vae_psnr,
+                                                                             config=json.dumps(asdict(cfg), indent=2)))
+            print(f"saved the VAE stage to {args.output}")
+        return
 
-    train_transformer(pipe, cfg, z, fg, prompts, ckpt, log, args.checkpoint_every)
+    train_transformer(pipe, cfg, recipe, z, fg, prompts, ckpt, log, args.checkpoint_every)
     minutes = (time.time() - t0) / 60
     if args.output:
         card = MODEL_CARD.format(
             num_layers=pipe.transformer.config.num_layers, num_single_layers=pipe.transformer.config.num_single_layers,
             params_m=sum(p.numel() for m in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2)
                          for p in m.parameters()) / 1e6,
-            frames=world.NUM_FRAMES, height=world.HEIGHT, width=world.WIDTH,
+            frames=recipe.num_frames, height=recipe.height, width=recipe.width, recipe=recipe.name,
+            about=recipe.about, llama_layers=recipe.llama_layers,
             held_out=", ".join(f"{c} {s}" for c, s in sorted(world.HELD_OUT_PAIRS)), eval_seed=world.EVAL_SEED_BASE,
             seed=cfg.seed, device=args.device, minutes=minutes,
             device_name=(torch.cuda.get_device_name() if args.device.startswith("cuda")
                          else f"CPU, {cfg.threads} threads"), config=json.dumps(asdict(cfg), indent=2),
             vae_psnr=vae_psnr, cfg_scale=GENERATION_DEFAULTS["true_cfg_scale"],
             scores="Run `python -m bench.tiny_model` to score this model; its figures are pasted here.")
-        save(pipe, args.output, card=card)
+        save(pipe, args.output, card=card, recipe=recipe)
         print(f"saved the trained pipeline to {args.output} after {minutes:.1f} minutes")
 
 
