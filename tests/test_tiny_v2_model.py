@@ -59,7 +59,8 @@ def test_v2_smoke_training_fine_tunes_a_vae_and_generates(tmp_path):
     out = tmp_path / "model"
     train.main(["--smoke", "--recipe", "v2", "--vae-from", str(BUNDLED_MODEL_DIR), "--workdir", str(tmp_path / "w"),
                 "--output", str(out)])
-    assert json.loads((out / "generation_config.json").read_text())["max_sequence_length"] == 32
+    written = json.loads((out / "generation_config.json").read_text())
+    assert written["max_sequence_length"] == 32 and written["world"] == "v2"
     assert "world v2" in (out / "README.md").read_text()
     tuned, source = (AutoencoderKLHunyuanVideo.from_pretrained(d / "vae") for d in (out, BUNDLED_MODEL_DIR))
     fresh = build_pipeline(0, RECIPES["v2"]).vae

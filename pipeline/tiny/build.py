@@ -92,8 +92,9 @@ class Recipe:
     num_frames: int = world.NUM_FRAMES
 
     def generation_defaults(self) -> dict:
+        # "world" tells the score stage and the benches which scorer reads this model's clips (absent: v1).
         return {**GENERATION_DEFAULTS, "height": self.height, "width": self.width, "num_frames": self.num_frames,
-                "max_sequence_length": self.max_sequence_length}
+                "max_sequence_length": self.max_sequence_length, "world": self.name}
 
 
 RECIPES = {
