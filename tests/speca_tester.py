@@ -71,18 +71,18 @@ class SpeCaFamilyTests:
         assert [s.step_pattern for s in session.stats()] == ["F" + "R" * (self.STEPS - 1)] * 2
         assert (out - base).abs().max().item() <= 1e-5
 
-    @pytest.mark.parametrize("cache", ["lean", "module"])
-    def test_batch_with_mixed_decisions_equals_alone(self, pipe, forced, cache):
+    @pytest.mark.parametrize("cache,cfg", [("lean", False), ("module", False), ("module", True)])
+    def test_batch_with_mixed_decisions_equals_alone(self, pipe, forced, cache, cfg):
         forced.reject = {(1, 3), (2, 3), (2, 4), (0, 5)}
         session = apply_speca(pipe, SpeCaConfig(cache=cache, tau0=INF, tau_min=INF, warmup_steps=2, max_spec=4))
         forced.batch = [0, 1, 2]
-        batch = self.run(pipe, [0, 1, 2])
+        batch = self.run(pipe, [0, 1, 2], cfg)
         patterns = [s.step_pattern for s in session.stats()]
         assert [p[3] for p in patterns] == ["S", "R", "R"] and patterns[2][4] == "R" and patterns[0][5] == "R"
         assert len(set(patterns)) == 3
         for i in range(3):
             forced.batch = [i]
-            alone = self.run(pipe, [i])
+            alone = self.run(pipe, [i], cfg)
             assert session.stats()[0].step_pattern == patterns[i]
             rel = ((batch[i] - alone[0]).abs().max() / alone.abs().max()).item()
             assert rel <= 1e-5, (i, rel)
