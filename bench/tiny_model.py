@@ -27,6 +27,7 @@ import torch
 
 from pipeline.config import ModelConfig, SampleRequest
 from pipeline.generate import Generator
+from pipeline.quality import psnr
 from pipeline.loading import load_pipeline
 from pipeline.tiny import scorer, world
 
@@ -44,8 +45,7 @@ def adherence(gen: Generator, n: int) -> dict:
             x = torch.from_numpy(np.stack(truth[i:i + 8])).float().div(127.5).sub(1).permute(0, 4, 1, 2, 3).to(vae.device)
             y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
             recon += list(((y + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy())
-    psnr = float(np.mean([10 * np.log10(255.0**2 / max(np.mean((a.astype(float) - b.astype(float)) ** 2), 1e-9))
-                          for a, b in zip(truth, recon)]))
+    vae_psnr = float(np.mean([psnr(a, b, per_frame=False) for a, b in zip(truth, recon)]))
     held = [(s.color, s.shape) in world.HELD_OUT_PAIRS for s in specs]
     return {
         "n": n,
@@ -53,7 +53,7 @@ def adherence(gen: Generator, n: int) -> dict:
         "generated_held_out_pairs": scorer.accuracy([r for r, h in zip(generated, held) if h]),
         "ground_truth": scorer.accuracy([scorer.score(f, s.prompt) for f, s in zip(truth, specs)]),
         "vae_reconstruction": scorer.accuracy([scorer.score(f, s.prompt) for f, s in zip(recon, specs)]),
-        "vae_psnr_db": psnr,
+        "vae_psnr_db": vae_psnr,
         "samples": samples,
     }
 
