@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 from diffusers import FluxTransformer2DModel
-from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+from diffusers.models.transformers.transformer_flux import (FluxIPAdapterAttnProcessor, FluxSingleTransformerBlock,
+                                                          FluxTransformerBlock)
 
 from .blocks import redraft_dual_stream, redraft_joint
 from .config import SpeCaConfig
@@ -33,6 +34,13 @@ def _redraft_single(block, streams: dict, args: dict, cached) -> dict:
     return {"hidden_states": joint[:, text.shape[1]:], "encoder_hidden_states": joint[:, :text.shape[1]]}
 
 
+def _check(transformer) -> None:
+    for i, block in enumerate(transformer.transformer_blocks):
+        if isinstance(block.attn.processor, FluxIPAdapterAttnProcessor):
+            raise ValueError(f"SpeCa (FLUX) does not cover IP-Adapter attention (transformer_blocks[{i}]): its extra "
+                             f"image-prompt output is not in the module cache; unload the IP-Adapter first")
+
+
 FAMILY = register(FamilySpec(
     name="FLUX",
     model_class=FluxTransformer2DModel,
@@ -44,6 +52,7 @@ FAMILY = register(FamilySpec(
         FluxSingleTransformerBlock: BlockSpec(STREAMS, RETURNS, {"proj_out": ("proj_out",)}, _redraft_single),
     },
     batched_args=("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance"),
+    check=_check,
 ))
 
 

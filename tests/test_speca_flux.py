@@ -109,3 +109,18 @@ def test_cfg_passes_share_one_decision(flux_pipe, monkeypatch):
     assert [s.step_pattern[4] for s in session.stats()] == ["S", "R"]
     # Full passes only: 2 warm-up steps x 2 calls x 2 rows, then step 4's cond and uncond passes on sample 1 alone.
     assert rows == [2, 2, 2, 2, 1, 1]
+
+
+def test_ip_adapter_attention_is_refused():
+    from diffusers import FluxTransformer2DModel
+    from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
+
+    from speca import apply_speca
+
+    t = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                               num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                               axes_dims_rope=[4, 4, 8])
+    t.transformer_blocks[0].attn.processor = FluxIPAdapterAttnProcessor(32, 32)
+    with pytest.raises(ValueError, match=r"IP-Adapter attention \(transformer_blocks\[0\]\)"):
+        apply_speca(t, SpeCaConfig())
+    assert getattr(t, "_speca_session", None) is None
