@@ -101,9 +101,11 @@ class _Pass:
 
 
 class _ActivePass:
-    """The slot the root hook fills for the duration of one pass; None = pass straight through."""
+    """The slot the root hook fills for the duration of one pass (None: hooks pass straight
+    through); made per `apply_speca` and handed to each hook, never stored on the session."""
 
-    current: _Pass | None = None
+    def __init__(self) -> None:
+        self.current: _Pass | None = None
 
 
 class SpeCaSession:
@@ -129,7 +131,6 @@ class SpeCaSession:
         # Blocks a draft pass executes: the verified one, plus (lean cache) those after it.
         self.draft_blocks = 1 + (blocks_after if config.cache == "lean" else 0)
         self.states = _ContextStates(_ContextState)
-        self.active = _ActivePass()
         self.controller: StepController | None = None
         self.leader: str | None = None
         self.num_steps_override: int | None = None
@@ -197,9 +198,10 @@ def _decide(session: SpeCaSession, step: int, speculate: list[bool], row_samples
 class _SpeCaRootHook(ModelHook):
     _is_stateful = True
 
-    def __init__(self, session: SpeCaSession):
+    def __init__(self, session: SpeCaSession, active: _ActivePass):
         super().__init__()
         self.session = session
+        self.active = active
         self.state_manager = session.states  # found by diffusers' `cache_context`, which sets its context
         self._signature: inspect.Signature | None = None
 
@@ -276,19 +278,19 @@ class _SpeCaRootHook(ModelHook):
                 if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch:
                     kwargs[k] = v.index_select(0, index.to(v.device))
         current = _Pass(mode, torch.tensor(rows), step, forecaster)
-        self.session.active.current = current
+        self.active.current = current
         try:
             out = self.fn_ref.original_forward(**kwargs, return_dict=False)[0]
         finally:
-            self.session.active.current = None
+            self.active.current = None
         return out, current.partials
 
 
 class _SpeCaBlockHook(ModelHook):
-    def __init__(self, session: SpeCaSession, index: int, spec: BlockSpec):
+    def __init__(self, session: SpeCaSession, active: _ActivePass, index: int, spec: BlockSpec):
         super().__init__()
         self.config = session.config
-        self.active = session.active
+        self.active = active
         self.measure = session.error_partials
         self.spec = spec
         self.prefix = f"block{index}"  # position among all blocks, in execution order
@@ -342,9 +344,8 @@ class _SpeCaBlockHook(ModelHook):
         return real
 
 
-def _capture_hooks(session: SpeCaSession, block, index: int, spec: BlockSpec) -> list:
+def _capture_hooks(active: _ActivePass, block, index: int, spec: BlockSpec) -> list:
     """Forward hooks that store module outputs (before their gates) during full passes."""
-    active = session.active
 
     def recorder(keys):
         def hook(_module, _inputs, output):
@@ -389,11 +390,13 @@ def apply_speca(target, config: SpeCaConfig | None = None, *,
     config = config or SpeCaConfig()
     session = SpeCaSession(transformer, config, family, getattr(target, "scheduler", None), error_reduce,
                            valid_tokens)
-    HookRegistry.check_if_exists_or_initialize(transformer).register_hook(_SpeCaRootHook(session), _ROOT_HOOK)
+    active = _ActivePass()  # the root hook's pass in flight, read by the block and capture hooks
+    HookRegistry.check_if_exists_or_initialize(transformer).register_hook(_SpeCaRootHook(session, active), _ROOT_HOOK)
     for i, (block, spec) in enumerate(session.blocks):
-        HookRegistry.check_if_exists_or_initialize(block).register_hook(_SpeCaBlockHook(session, i, spec), _BLOCK_HOOK)
+        HookRegistry.check_if_exists_or_initialize(block).register_hook(_SpeCaBlockHook(session, active, i, spec),
+                                                                        _BLOCK_HOOK)
         if config.cache == "module":
-            session._handles += _capture_hooks(session, block, i, spec)
+            session._handles += _capture_hooks(active, block, i, spec)
     transformer._speca_session = session
     return session
 
