@@ -18,6 +18,10 @@ from .flops import block_flops
 from .registry import BlockSpec, FamilySpec, register
 
 MLP_RATIO = 4.0  # BasicTransformerBlock's FeedForward default
+# The authors' DiT settings (Cache4Diffusion speca-dit): order 4, 3 warm-up steps, tau 0.1 -> 0.001
+# (floor 0.01) on their element-wise relative L1, 2..5 speculative steps, per-module cache.
+REFERENCE = SpeCaConfig(order=4, cache="module", tau0=0.1, beta=0.01, tau_min=0.01, metric="rel_l1_elementwise",
+                        warmup_steps=3, min_spec=2, max_spec=5)
 
 
 def _redraft(block, streams: dict, args: dict, cached) -> dict:

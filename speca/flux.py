@@ -21,6 +21,10 @@ from .registry import BlockSpec, FamilySpec, register
 STREAMS = ("hidden_states", "encoder_hidden_states")
 RETURNS = ("encoder_hidden_states", "hidden_states")
 MLP_RATIO = 4.0  # fixed in diffusers' FLUX blocks, not a config key
+# The authors' FLUX settings (Cache4Diffusion speca-flux): order 2, 3 warm-up steps, tau 7 -> 2.1
+# (floor 0.1) on their element-wise relative L1, 2..8 speculative steps, per-module cache.
+REFERENCE = SpeCaConfig(order=2, cache="module", tau0=7.0, beta=0.3, tau_min=0.1, metric="rel_l1_elementwise",
+                        warmup_steps=3, min_spec=2, max_spec=8)
 
 
 def _redraft_double(block, streams: dict, args: dict, cached) -> dict:

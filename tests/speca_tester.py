@@ -43,6 +43,7 @@ class SpeCaFamilyTests:
         """Decoded images (numpy, values in [0, 1]) for `idx`."""
         raise NotImplementedError
 
+    REFERENCE: SpeCaConfig | None = None  # the authors' settings for the family, if any
     ATTENTION = "attn"  # the attention submodule of every block: it runs only when the block really runs
 
     @pytest.fixture
@@ -215,3 +216,13 @@ class SpeCaFamilyTests:
         blocks_run = sum(rows) / (sum(batch_rows) * len(blocks))  # share of the uncached block executions
         assert stats[0].compute_ratio == pytest.approx(blocks_run, rel=1e-9)
         assert blocks_run < 0.75
+
+    def test_reference_settings_run(self, pipe):
+        if self.REFERENCE is None:
+            pytest.skip("no reference settings for this family")
+        session = apply_speca(pipe, self.REFERENCE)
+        out = self.run(pipe, [0, 1])
+        assert torch.isfinite(out).all()
+        w = self.REFERENCE.warmup_steps
+        for s in session.stats():  # warm-up in full, then min_spec drafts accepted unchecked
+            assert s.step_pattern.startswith("F" * w + "S" * self.REFERENCE.min_spec), s.step_pattern

@@ -37,6 +37,7 @@ def dit_pipe():
 class TestSpeCaDiT(SpeCaFamilyTests):
     IMAGE_TOKENS = (8 // 2) ** 2
     TEXT_TOKENS = 0
+    REFERENCE = dit_family.REFERENCE
     ATTENTION = "attn1"
 
     @pytest.fixture

@@ -51,6 +51,7 @@ def flux_pipe():
 class TestSpeCaFlux(SpeCaFamilyTests):
     IMAGE_TOKENS = (SIZE // 2) ** 2  # the tiny VAE does not downsample; FLUX packs 2x2 latents per token
     TEXT_TOKENS = TEXT
+    REFERENCE = flux_family.REFERENCE
 
     @pytest.fixture
     def pipe(self, flux_pipe):

@@ -246,6 +246,7 @@ class TestSpeCaHunyuanShared(SpeCaFamilyTests):
 
     IMAGE_TOKENS = 5 * 8 * 8  # 17 frames x 32 x 32 -> 5 x 8 x 8 latents, patch 1
     TEXT_TOKENS = 16
+    REFERENCE = SpeCaConfig.from_name("reference")
     # Already checked above with the same meaning (threshold 0, batch vs alone, rollback, cache estimate).
     test_threshold_zero_reproduces_uncached = None
     test_batch_with_mixed_decisions_equals_alone = None
