@@ -228,7 +228,7 @@ class _SpeCaRootHook(ModelHook):
         st = self.state_manager.get_state()
         num_steps = s.num_steps(context)
         if st.step >= num_steps:  # a new generation in a loop that never reset the hooks
-            st.reset()
+            s.finish()
         if st.step == 0 and (s.controller is None or s.leader == name):
             s.finish()
             s.controller = StepController(s.config, num_samples, num_steps)
