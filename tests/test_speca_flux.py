@@ -125,3 +125,44 @@ def test_ip_adapter_attention_is_refused():
     with pytest.raises(ValueError, match=r"IP-Adapter attention \(transformer_blocks\[0\]\)"):
         apply_speca(t, SpeCaConfig())
     assert getattr(t, "_speca_session", None) is None
+
+
+def test_same_decisions_and_result_under_torch_compile():
+    """SpeCa inside `torch.compile` (the accept/reject is excluded from compiled regions): same step
+    patterns and the same output as eager, on a transformer driven by a plain Euler loop."""
+    import torch._dynamo
+    from diffusers import FluxTransformer2DModel
+
+    from speca import apply_speca
+
+    torch.manual_seed(0)
+    t = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=2, attention_head_dim=16,
+                               num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                               axes_dims_rope=[4, 4, 8]).eval()
+    x, enc, pooled = torch.randn(2, 16, 4), torch.randn(2, 8, 32), torch.randn(2, 32)
+    ids = dict(img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3))
+    cfg = SpeCaConfig(cache="module", tau0=0.2, tau_min=0.05, warmup_steps=2, max_spec=3)
+
+    @torch.no_grad()
+    def generate():
+        session = apply_speca(t, cfg)
+        session.begin(6)
+        h = x.clone()
+        for i in range(6):
+            v = t(hidden_states=h, encoder_hidden_states=enc, pooled_projections=pooled,
+                  timestep=torch.full((2,), 1 - i / 6), return_dict=False, **ids)[0]
+            h = h - v / 6
+        patterns = [s.step_pattern for s in session.stats()]
+        disable_speca(t)
+        return h, patterns
+
+    eager, eager_patterns = generate()
+    torch._dynamo.reset()
+    t.compile(backend="eager")
+    try:
+        compiled, compiled_patterns = generate()
+    finally:
+        torch._dynamo.reset()
+    assert "S" in "".join(eager_patterns)
+    assert compiled_patterns == eager_patterns
+    assert torch.allclose(compiled, eager, rtol=1e-5, atol=1e-6)
