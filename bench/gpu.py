@@ -50,7 +50,7 @@ import torch
 from diffusers import HunyuanVideoTransformer3DModel
 
 from speca import SpeCaConfig, apply_speca, disable_speca, estimate_cache_bytes
-from speca.flops import speculative_step_flops, step_flops, video_tokens
+from speca.hunyuan_video import speculative_step_flops, step_flops, video_tokens
 
 CACHES = ("lean", "module")
 ORDER = 1  # first-order drafts: two full steps give every cached feature its full history

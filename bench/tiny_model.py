@@ -86,8 +86,7 @@ def adherence(gen: Generator, w: World, n: int) -> dict:
             x = torch.from_numpy(np.stack(truth[i:i + 8])).float().div(127.5).sub(1).permute(0, 4, 1, 2, 3).to(vae.device)
             y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
             recon += list(((y + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy())
-    psnr = float(np.mean([10 * np.log10(255.0**2 / max(np.mean((a.astype(float) - b.astype(float)) ** 2), 1e-9))
-                          for a, b in zip(truth, recon)]))
+    vae_psnr = float(np.mean([psnr(a, b, per_frame=False) for a, b in zip(truth, recon)]))
     held = [w.held_out(s) for s in specs]
     return {
         "n": n,
@@ -98,7 +97,7 @@ def adherence(gen: Generator, w: World, n: int) -> dict:
         "n_held_out_pairs": int(sum(held)),
         "ground_truth": scorer.accuracy([scorer.score(f, s.prompt) for f, s in zip(truth, specs)]),
         "vae_reconstruction": scorer.accuracy([scorer.score(f, s.prompt) for f, s in zip(recon, specs)]),
-        "vae_psnr_db": psnr,
+        "vae_psnr_db": vae_psnr,
         "samples": samples,
     }
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from speca import SpeCaConfig, apply_speca, disable_speca
-from speca.flops import step_flops, video_tokens
+from speca.hunyuan_video import step_flops, video_tokens
 
 from .config import InvalidRequest, ModelConfig, SampleRequest
 from .loading import LoadedModel, load_pipeline

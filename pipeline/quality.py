@@ -11,7 +11,6 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 
 def _check_pair(a: np.ndarray, b: np.ndarray) -> None:
@@ -19,31 +18,40 @@ def _check_pair(a: np.ndarray, b: np.ndarray) -> None:
         raise ValueError(f"expected two clips of the same (frames, height, width, 3) shape, got {a.shape} and {b.shape}")
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """Per-frame PSNR in dB averaged over frames; ``inf`` when the clips are identical."""
-    _check_pair(a, b)
-    per_frame = [float(np.mean((fa.astype(np.float64) - fb.astype(np.float64)) ** 2)) for fa, fb in zip(a, b)]
-    if max(per_frame) == 0.0:
+def _float64(x) -> torch.Tensor:
+    t = x.detach() if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+    return t.to(torch.float64)
+
+
+def psnr(a, b, data_range: float | None = None, per_frame: bool = True) -> float:
+    """PSNR in dB of two arrays or tensors of the same shape; ``inf`` when they are identical.
+
+    per_frame: the PSNR of each entry along the first axis (the frames of a clip), averaged, as
+        the caching papers report it (a frame's MSE is floored at 1e-10); False: of the whole array.
+    data_range: the value range's width: 255 for uint8 (the default for uint8 inputs), 1.0 for
+        [0, 1] (the default otherwise), 2.0 for [-1, 1].
+    """
+    if tuple(a.shape) != tuple(b.shape):
+        raise ValueError(f"psnr needs arrays of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if data_range is None:
+        data_range = 255.0 if a.dtype in (np.uint8, torch.uint8) else 1.0
+    sq = (_float64(a) - _float64(b).to(_float64(a).device)) ** 2
+    mse = sq.reshape(sq.shape[0], -1).mean(dim=1) if per_frame and sq.dim() > 1 else sq.mean().reshape(1)
+    if float(mse.max()) == 0.0:
         return math.inf
-    return float(np.mean([10.0 * math.log10(255.0**2 / max(m, 1e-10)) for m in per_frame]))
+    return float((10.0 * torch.log10(data_range**2 / mse.clamp(min=1e-10))).mean())
 
 
 def ssim(a: np.ndarray, b: np.ndarray) -> float:
-    """Per-frame SSIM averaged over frames (gaussian window 11, sigma 1.5, RGB channels averaged)."""
+    """Per-frame SSIM of two uint8 clips, averaged over frames (torchmetrics: gaussian window 11,
+    sigma 1.5, RGB channels averaged, borders the window does not cover left out)."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
     _check_pair(a, b)
-    x = torch.from_numpy(np.ascontiguousarray(a)).float().div(255).permute(0, 3, 1, 2)
-    y = torch.from_numpy(np.ascontiguousarray(b)).float().div(255).permute(0, 3, 1, 2)
-    g = torch.exp(-((torch.arange(11) - 5.0) ** 2) / (2 * 1.5**2))
-    w = ((g[:, None] * g[None, :]) / g.sum() ** 2).expand(3, 1, 11, 11)
-
-    def filt(t: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(t, w, padding=5, groups=3)
-
-    mx, my = filt(x), filt(y)
-    vx, vy, cxy = filt(x * x) - mx**2, filt(y * y) - my**2, filt(x * y) - mx * my
-    c1, c2 = 0.01**2, 0.03**2
-    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
-    return float(s.mean(dim=(1, 2, 3)).mean())
+    x = torch.from_numpy(np.ascontiguousarray(a)).to(torch.float64).div(255).permute(0, 3, 1, 2)
+    y = torch.from_numpy(np.ascontiguousarray(b)).to(torch.float64).div(255).permute(0, 3, 1, 2)
+    return float(structural_similarity_index_measure(x, y, gaussian_kernel=True, sigma=1.5, kernel_size=11,
+                                                     data_range=1.0))
 
 
 def temporal_flickering(frames: np.ndarray) -> float:

@@ -38,7 +38,6 @@ __all__ = [
     "VideoEncoding",
     "decode_mp4",
     "encode_mp4",
-    "psnr",
 ]
 
 # Encoders tested with the mp4 muxer, and the pixel formats we allow for each. The
@@ -254,19 +253,3 @@ def decode_mp4(data: bytes | str | os.PathLike[str]) -> DecodedVideo:
         else:
             frames = np.zeros((0, stream.height, stream.width, 3), dtype=np.uint8)
     return DecodedVideo(frames=frames, fps=fps, metadata=metadata)
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """Peak signal-to-noise ratio in dB of two images/videos; ``inf`` if identical.
-
-    uint8 inputs are scaled to [0, 1] so uint8 and float arrays can be compared.
-    """
-    x, y = np.asarray(a), np.asarray(b)
-    if x.shape != y.shape:
-        raise ValueError(f"psnr needs arrays of the same shape, got {x.shape} and {y.shape}")
-    x64 = x.astype(np.float64) / 255.0 if x.dtype == np.uint8 else x.astype(np.float64)
-    y64 = y.astype(np.float64) / 255.0 if y.dtype == np.uint8 else y.astype(np.float64)
-    mse = float(np.mean((x64 - y64) ** 2))
-    if mse == 0.0:
-        return math.inf
-    return 10.0 * math.log10(1.0 / mse)

@@ -25,14 +25,15 @@ class SpeCaConfig:
             `tau(i) = max(tau0 * beta ** (i / n), tau_min)`; a draft is accepted when its error is
             strictly below `tau(i)` (so `tau0 = 0` never accepts and `inf` always does).
         metric: per-sample error between the verified block's drafted and recomputed outputs, over
-            video tokens: `rel_l1` = sum|d - r| / sum|r|, `rel_l2` = ||d - r|| / ||r||,
+            image (video) tokens: `rel_l1` = sum|d - r| / sum|r|, `rel_l2` = ||d - r|| / ||r||,
             `rel_l1_elementwise` = mean(|d - r| / (|r| + 1e-6)) (the reference code's metric).
         warmup_steps: the first steps always run in full.
         min_spec: the first `min_spec` speculative steps after a full step are accepted without the
             check (their errors are still recorded).
         max_spec: a full step is forced after `max_spec` speculative steps in a row.
         final_full_steps: the last steps always run in full.
-        verify_block: index of the verified block among the single-stream blocks (-1 = the last).
+        verify_block: index of the verified block within the family's last block list (the
+            single-stream blocks of HunyuanVideo and FLUX, DiT's blocks; -1 = the last).
     """
 
     order: int = 1
@@ -72,7 +73,7 @@ class SpeCaConfig:
         if self.min_spec > self.max_spec:
             bad("min_spec", self.min_spec, f"at most max_spec ({self.max_spec})")
         if not isinstance(self.verify_block, int):
-            bad("verify_block", self.verify_block, "an integer index into the single-stream blocks")
+            bad("verify_block", self.verify_block, "an integer block index")
 
     def threshold(self, step: int, num_steps: int) -> float:
         return max(self.tau0 * self.beta ** (step / max(num_steps, 1)), self.tau_min)

@@ -37,12 +37,30 @@ def test_writes_markdown_json_and_png(report):
         assert f"`{key}`" in md
 
 
-def test_reference_row_is_identical_at_speedup_one(report):
+def test_reference_row_renders_as_the_baseline(report):
     _, md, _, rows = report
-    ref = rows["reference"]
-    assert ref["flops_speedup"] == 1.0 and ref["wall_speedup"] == 1.0
-    assert math.isinf(ref["psnr"]) and ref["ssim"] == pytest.approx(1.0)
+    assert rows["reference"]["kind"] == "reference" and rows["reference"]["full_steps"] is None
     assert "| no cache | `reference` | 1.00x | 1.00x | inf (identical) | 1.000 |" in md
+
+
+def test_uncached_runs_reproduce_exactly_and_a_cached_run_does_not(tiny_model):
+    """The reference row compares the uncached clips with themselves, which shows nothing. What makes every
+    other row's PSNR and SSIM a measure of its method is that a second, separate uncached run gives the
+    same clips (inf dB, SSIM 1), while a run with caching gives different ones."""
+    from pipeline.config import SampleRequest
+    from speca import SpeCaConfig
+
+    requests = [SampleRequest(prompt=world.eval_specs(1)[0].prompt, seed=world.EVAL_SEED_BASE, num_inference_steps=6)]
+    ref = caching.Method("no cache", "reference", "reference")
+    speca = caching.Method("SpeCa, every draft accepted", "speca", "speca-inf",
+                           SpeCaConfig(tau0=math.inf, tau_min=math.inf, warmup_steps=2, max_spec=3), batch=1)
+    first = caching.run_method(tiny_model, ref, requests)
+    again = caching.make_row(ref, caching.run_method(tiny_model, ref, requests), first, [1.0], [1.0])
+    cached = caching.make_row(speca, caching.run_method(tiny_model, speca, requests), first, [1.0], [1.0])
+    assert math.isinf(again["psnr"]) and again["ssim"] == pytest.approx(1.0)
+    assert again["flops_speedup"] == pytest.approx(1.0)
+    assert math.isfinite(cached["psnr"]) and cached["ssim"] < 1.0
+    assert cached["full_steps"] == [3] and cached["flops_speedup"] > 1.5  # FF SSS F: 3 full steps of 6
 
 
 def test_every_method_skips_work_and_stays_close(report):

@@ -7,7 +7,8 @@ from pipeline.config import SampleRequest
 from pipeline.generate import Generator, main
 from pipeline.stats import from_table
 from pipeline.storage import Storage
-from pipeline.video_io import VideoEncoding, decode_mp4, psnr
+from pipeline.quality import psnr
+from pipeline.video_io import VideoEncoding, decode_mp4
 from pipeline.writer import stats_path, video_path, write_sample
 
 PROMPT = "a red circle moving left on a blue background"

@@ -6,8 +6,10 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
-from pipeline.video_io import DecodedVideo, VideoEncoding, decode_mp4, encode_mp4, psnr
+from pipeline.quality import psnr, ssim
+from pipeline.video_io import DecodedVideo, VideoEncoding, decode_mp4, encode_mp4
 
 LOSSLESS_RGB = VideoEncoding(codec="libx264rgb", pix_fmt="rgb24", crf=0)
 
@@ -182,9 +184,37 @@ def test_invalid_metadata_raises(metadata: dict, match: str) -> None:
 def test_psnr_values() -> None:
     a = np.zeros((2, 4, 4, 3), np.uint8)
     assert psnr(a, a) == math.inf
-    assert psnr(a, a.astype(np.float32)) == math.inf  # uint8 is scaled to [0, 1]
     assert psnr(a, np.full_like(a, 255)) == pytest.approx(0.0)
     assert psnr(a, a + 1) == pytest.approx(20 * math.log10(255), abs=1e-9)  # 48.13 dB
-    assert psnr(np.zeros(3), np.full(3, 0.1)) == pytest.approx(20.0)
+    assert psnr(np.zeros(3), np.full(3, 0.1)) == pytest.approx(20.0)  # floats: range 1
+    assert psnr(torch.zeros(2, 3), torch.full((2, 3), 0.2), data_range=2.0) == pytest.approx(20.0)  # [-1, 1]
     with pytest.raises(ValueError, match="same shape"):
         psnr(a, a[:1])
+
+
+def test_psnr_matches_torchmetrics() -> None:
+    """The one PSNR against torchmetrics' independent implementation: whole array, and per frame."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    b = np.clip(a.astype(int) + rng.integers(-30, 31, a.shape) * (np.arange(4) + 1)[:, None, None, None], 0, 255)
+    b = b.astype(np.uint8)
+    ta, tb = torch.from_numpy(a).double(), torch.from_numpy(b).double()
+    whole = peak_signal_noise_ratio(tb, ta, data_range=255.0).item()
+    frames = [peak_signal_noise_ratio(tb[i], ta[i], data_range=255.0).item() for i in range(4)]
+    assert psnr(a, b, per_frame=False) == pytest.approx(whole, rel=1e-6)  # torchmetrics rounds its range in float32
+    assert psnr(a, b) == pytest.approx(np.mean(frames), rel=1e-6)
+    assert psnr(a, b) != pytest.approx(whole, abs=1e-3)  # the frames differ in noise, so the two protocols differ
+
+
+def test_ssim_properties() -> None:
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    noisy = [np.clip(a.astype(int) + rng.normal(0, s, a.shape), 0, 255).astype(np.uint8) for s in (5, 20, 60)]
+    values = [ssim(a, n) for n in noisy]
+    assert ssim(a, a) == pytest.approx(1.0)
+    assert 1.0 > values[0] > values[1] > values[2] > 0.0
+    assert ssim(noisy[1], a) == pytest.approx(values[1], abs=1e-12)  # symmetric
+    with pytest.raises(ValueError, match="same"):
+        ssim(a, a[:1])

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..quality import psnr
 from . import world
 from .build import (
     FLOW_SHIFT,
@@ -123,9 +124,7 @@ def _vae_loss(vae, x: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, flo
     err = rec - x
     rec_loss = (weight * (err.abs() + err.pow(2))).mean()
     kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1.0 - posterior.logvar).mean()
-    mse = err.pow(2).mean().item()
-    psnr = 10 * math.log10(4.0 / max(mse, 1e-10))
-    return rec_loss + cfg.vae_kl_weight * kl, psnr
+    return rec_loss + cfg.vae_kl_weight * kl, psnr(rec.detach(), x, data_range=2.0, per_frame=False)
 
 
 class _Checkpoint:
@@ -162,13 +161,13 @@ def train_vae_stage(vae, cfg: TrainConfig, recipe: Recipe, stage: str, ckpt: _Ch
         for g in opt.param_groups:
             g["lr"] = _lr(step, steps, lr, warmup=max(1, steps // 20))
         x, _ = _clips(rng, batch, frames, recipe)
-        loss, psnr = _vae_loss(vae, x.to(device), cfg)
+        loss, rec_psnr = _vae_loss(vae, x.to(device), cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{psnr:.1f}")
-        log({"stage": stage, "step": step, "loss": loss.item(), "psnr": psnr})
+        bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{rec_psnr:.1f}")
+        log({"stage": stage, "step": step, "loss": loss.item(), "psnr": rec_psnr})
         if (step + 1) % every == 0 or step + 1 == steps:
             ckpt.save({"stage": stage, "step": step + 1, "vae": vae.state_dict(), "opt": opt.state_dict()})
     vae.eval().requires_grad_(False)
@@ -386,7 +385,7 @@ def main(argv: list[str] | None = None) -> None:
         x, _ = _clips(random.Random(f"{cfg.seed}-val"), 32, recipe.num_frames, recipe)
         x = x.to(args.device)
         rec = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-        vae_psnr = 10 * math.log10(4.0 / F.mse_loss(rec, x).item())
+        vae_psnr = psnr(rec, x, data_range=2.0, per_frame=False)
     log({"stage": "vae_eval", "psnr": vae_psnr, "scaling_factor": pipe.vae.config.scaling_factor})
     print(f"VAE reconstruction {vae_psnr:.2f} dB; latent scaling factor {pipe.vae.config.scaling_factor:.4f}")
     if args.vae_only:

@@ -1,0 +1,112 @@
+"""What SpeCa must know about a model family, and the registry that maps model classes to it.
+
+The core (`hooks.py`) drives any transformer whose blocks are residual streams in, the same
+streams out. A family module describes its blocks once (`BlockSpec`) and its model once
+(`FamilySpec`), then calls `register`; `family_for` finds it by the model's class, never by
+duck-typing attribute names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """How one kind of transformer block is called, and how its module-cache draft is built.
+
+    Args:
+        streams: the block's arguments that carry residual streams, e.g.
+            `("hidden_states", "encoder_hidden_states")`; `image` must be one of them.
+        returns: the order the block returns its streams in (one name = it returns a tensor).
+        captures: submodule name -> the keys its outputs are recorded under in the module cache
+            (its output tuple, element by element), taken before any gate.
+        redraft: `(block, streams, arguments, cached) -> streams`: the block with its captured
+            outputs replaced by `cached(key)` drafts; gates and residual adds are computed for
+            real from this step's inputs. `arguments` are all of the block's bound arguments.
+        image: the stream SpeCa verifies (image or video tokens, never the text stream).
+    """
+
+    streams: tuple[str, ...]
+    returns: tuple[str, ...]
+    captures: Mapping[str, tuple[str, ...]]
+    redraft: Callable[[torch.nn.Module, dict, dict, Callable[[str], torch.Tensor]], dict]
+    image: str = "hidden_states"
+
+    def __post_init__(self) -> None:
+        if set(self.streams) != set(self.returns) or self.image not in self.streams:
+            raise ValueError(f"BlockSpec: returns {self.returns} must name the streams {self.streams}, "
+                             f"which must include the image stream {self.image!r}")
+
+    def pack(self, streams: dict):
+        """Streams in the block's own return order."""
+        if len(self.returns) == 1:
+            return streams[self.returns[0]]
+        return tuple(streams[name] for name in self.returns)
+
+    def unpack(self, output) -> dict:
+        if len(self.returns) == 1:
+            return {self.returns[0]: output}
+        return dict(zip(self.returns, output))
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """One model family: its transformer class, blocks, batched arguments and CFG pairing.
+
+    Args:
+        name: shown to users (error messages, README).
+        model_class: the diffusers transformer class; subclasses match too.
+        block_lists: attributes holding the block `ModuleList`s, in execution order; the
+            verified block is indexed within the last one.
+        blocks: block class -> its `BlockSpec`.
+        batched_args: forward arguments with one row per batch row; SpeCa slices them into
+            per-pass sub-batches (anything else, e.g. position ids, is passed whole).
+        samples: `(transformer, arguments, batch) -> sample index of each batch row`, for models
+            whose pipeline runs CFG as one concatenated batch: rows of one sample share a decision.
+            None: every row is its own sample.
+        check: `(transformer) -> None`, raises a clear error for a configuration of the class
+            the specs do not cover (called by `apply_speca` before any hook is added).
+    """
+
+    name: str
+    model_class: type
+    block_lists: tuple[str, ...]
+    blocks: Mapping[type, BlockSpec]
+    batched_args: tuple[str, ...]
+    samples: Callable[[torch.nn.Module, dict, int], list[int]] | None = None
+    check: Callable[[torch.nn.Module], None] | None = None
+
+    def iter_blocks(self, transformer) -> list[tuple[torch.nn.Module, BlockSpec]]:
+        out = []
+        for attr in self.block_lists:
+            for i, block in enumerate(getattr(transformer, attr)):
+                spec = next((s for cls, s in self.blocks.items() if isinstance(block, cls)), None)
+                if spec is None:
+                    raise TypeError(f"SpeCa ({self.name}) has no spec for {attr}[{i}] of type "
+                                    f"{type(block).__name__}; supported: {[c.__name__ for c in self.blocks]}")
+                out.append((block, spec))
+        return out
+
+
+_FAMILIES: list[FamilySpec] = []
+
+
+def register(family: FamilySpec) -> FamilySpec:
+    _FAMILIES[:] = [f for f in _FAMILIES if f.model_class is not family.model_class] + [family]
+    return family
+
+
+def supported() -> list[str]:
+    return [f"{f.name} ({f.model_class.__name__})" for f in _FAMILIES]
+
+
+def family_for(transformer) -> FamilySpec:
+    for family in _FAMILIES:
+        if isinstance(transformer, family.model_class):
+            return family
+    raise TypeError(f"SpeCa does not support {type(transformer).__name__}; supported families: "
+                    f"{', '.join(supported())}")
