@@ -161,7 +161,7 @@ def sample_scene(seed: int, *, count: int | None = None, objects: list[dict] | N
     bg = background or rng.choice([c for c in COLORS if c not in taken])
     scale = min(height, width) / 32
     time_scale = 16 / max(num_frames - 1, 1)
-    radius_range = (5.0, 7.0) if n == 1 else (4.0, 5.5)
+    radius_range = (6.0, 8.0) if n == 1 else (5.0, 6.5)  # a 4x VAE keeps the corners of these, not of smaller ones
     specs = []
     used = {bg} | taken
     for want in fixed:
@@ -171,11 +171,15 @@ def sample_scene(seed: int, *, count: int | None = None, objects: list[dict] | N
             if (split != "train" or "shape" in want or "color" in want or (color, shape) not in HELD_OUT_PAIRS):
                 break
         used.add(color)
-        for _ in range(50):  # objects may cross, but none stays hidden behind a later one for long
+        for _ in range(200):  # objects may cross, but none stays hidden behind a later one for long
             o = _draw_object(rng, shape, color, want, radius_range, scale, time_scale, height, width, num_frames)
             if all(_overlap_share(prev, o, num_frames) <= MAX_OVERLAP for prev in specs):
+                specs.append(o)
                 break
-        specs.append(o)
+        else:
+            if want:
+                raise ValueError(f"no room for the fixed object {want} beside {len(specs)} others")
+            used.discard(color)  # a crowded scene keeps the objects that fit
     return SceneSpec(tuple(specs), bg, _texture(rng, plain_share=0.2))
 
 
