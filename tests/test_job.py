@@ -96,8 +96,8 @@ def test_killed_replica_is_restarted_and_nothing_is_lost_or_duplicated(local_ray
         deadline = time.time() + 300
         while time.time() < deadline:
             if (out / "stats").exists() and len(list((out / "stats").iterdir())) >= 2:
-                actor = ray.get_actor(f"replica-{os.getpid()}-0", namespace=NAMESPACE)
-                killed["pid"] = ray.get(actor.info.remote())["pid"]
+                ledger = ray.get_actor(f"ledger-{os.getpid()}", namespace=NAMESPACE)
+                killed["pid"] = ray.get(ledger.placements.remote())[0]["pid"]
                 os.kill(killed["pid"], signal.SIGKILL)
                 return
             time.sleep(0.2)
