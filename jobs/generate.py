@@ -138,38 +138,23 @@ class ReplicaPlacementError(RuntimeError):
     """The cluster cannot hold the replicas asked for."""
 
 
-class Placements:
-    """`ray_remote_args_fn` of the replica stage: one STRICT_PACK group of K bundles per replica actor."""
+def _placement_groups(args, bundle: dict) -> list:
+    """R STRICT_PACK groups of K bundles, ready, or ReplicaPlacementError saying what is missing."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
 
-    def __init__(self, args, gpus: float):
-        self.args, self.gpus = args, gpus
-        self.bundle = {"CPU": args.cpus_per_rank, **({"GPU": gpus} if gpus else {})}
-        self.groups: list = []
-
-    def __call__(self) -> dict:
-        import ray
-        from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        args = self.args
-        pg = placement_group([self.bundle] * args.ranks_per_replica, strategy="STRICT_PACK")
-        self.groups.append(pg)
-        try:
-            ray.get(pg.ready(), timeout=args.ready_timeout)
-        except ray.exceptions.GetTimeoutError:
-            raise ReplicaPlacementError(
-                f"timed out after {args.ready_timeout:.0f}s waiting for replica {len(self.groups)} of "
-                f"{args.replicas}: {args.ranks_per_replica} x {self.bundle} on one node; cluster has "
-                f"{ray.cluster_resources()}. Lower --replicas / --ranks-per-replica or add nodes") from None
-        return {"num_cpus": args.cpus_per_rank, "num_gpus": self.gpus, "scheduling_strategy":
-                PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0,
-                                                 placement_group_capture_child_tasks=True)}
-
-    def remove(self) -> None:
-        from ray.util.placement_group import remove_placement_group
-
-        for pg in self.groups:
+    groups = [placement_group([bundle] * args.ranks_per_replica, strategy="STRICT_PACK")
+              for _ in range(args.replicas)]
+    try:
+        ray.get([pg.ready() for pg in groups], timeout=args.ready_timeout)
+    except ray.exceptions.GetTimeoutError:
+        for pg in groups:
             remove_placement_group(pg)
+        raise ReplicaPlacementError(
+            f"timed out after {args.ready_timeout:.0f}s waiting for {args.replicas} replica(s) of "
+            f"{args.ranks_per_replica} x {bundle} on one node each; cluster has {ray.cluster_resources()}. "
+            f"Lower --replicas / --ranks-per-replica or add nodes") from None
+    return groups
 
 
 class Progress:
@@ -249,40 +234,46 @@ class Collector:
             self.pending, self.pending_commits = [], []
 
 
-def _generate(args, storage: Storage, files, info, limits, model_config, speca, parallel: ParallelConfig,
+def _generate(args, files, info, limits, model_config, speca, parallel: ParallelConfig,
               collector: Collector) -> list[dict]:
     """Run the Ray Data pipeline to the end; returns the replicas' placements."""
     import ray
     import ray.data
+    from ray.util.placement_group import remove_placement_group
 
-    ledger = ray.remote(Ledger).options(num_cpus=0, name=f"ledger-{os.getpid()}", namespace=NAMESPACE).remote()
     gpus = args.gpus_per_rank
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    placements = Placements(args, gpus)
+    bundle = {"CPU": args.cpus_per_rank, **({"GPU": gpus} if gpus else {})}
+    groups = _placement_groups(args, bundle)
+    ledger = ray.remote(Ledger).options(num_cpus=0, name=f"ledger-{os.getpid()}", namespace=NAMESPACE).remote(groups)
     rows = manifest_dataset(files, info, limits, args.output, args.storage_options, args.overwrite)
+    # The replica actors hold no resources themselves: their ranks run in the placement groups.
     generated = rows.map_batches(
-        Replica, batch_format="pyarrow", batch_size=args.batch_size, num_cpus=args.cpus_per_rank, num_gpus=gpus,
+        Replica, batch_format="pyarrow", batch_size=args.batch_size, num_cpus=0,
         compute=ray.data.ActorPoolStrategy(size=args.replicas, max_concurrent_calls_per_actor=2,
                                            enable_true_multi_threading=True),
-        ray_remote_args_fn=placements,
         fn_constructor_kwargs={
             "model": asdict(model_config), "speca": speca.to_dict() if speca else None, "output": args.output,
             "storage_options": args.storage_options, "fps": args.fps, "crf": args.crf, "parallel": asdict(parallel),
-            "rank_resources": placements.bundle, "ledger": ledger, "max_attempts": args.max_attempts,
+            "bundle": bundle, "ledger": ledger, "max_attempts": args.max_attempts,
             "time_limit": args.batch_time_limit})
+
+    def events() -> None:
+        for event in ray.get(ledger.drain_events.remote()):
+            print(f"[jobs.generate] {event}", file=sys.stderr, flush=True)
+
     try:
         for batch in generated.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
             collector.add(batch)
-            for event in ray.get(ledger.drain_events.remote()):
-                print(f"[jobs.generate] {event}", file=sys.stderr, flush=True)
-        for event in ray.get(ledger.drain_events.remote()):
-            print(f"[jobs.generate] {event}", file=sys.stderr, flush=True)
+            events()
+        events()
         return ray.get(ledger.placements.remote())
     finally:
         collector.flush()
-        placements.remove()
         ray.kill(ledger)
+        for pg in groups:
+            remove_placement_group(pg)
 
 
 def run(args) -> int:
@@ -313,7 +304,7 @@ def run(args) -> int:
     collector = Collector(storage, Progress(files.num_rows))
     started_ray = _init_ray(args.address)
     try:
-        placements = _generate(args, storage, files, info, limits, model_config, speca, parallel, collector)
+        placements = _generate(args, files, info, limits, model_config, speca, parallel, collector)
     except ReplicaPlacementError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -218,7 +218,9 @@ def read_and_check(units: dict, filesystem, info: ModelInfo, limits: ModelLimits
 class ResolveStage:
     """Ray Data stage, ONE actor, rows in manifest order: first row wins per id; done rows counted.
 
-    One actor because first-row-wins needs every id in file order; it is a dict lookup a row.
+    One actor because first-row-wins needs every id in file order; it is a dict lookup a row. (Were
+    its process to die, Ray Data would restart it with an empty memory of ids: only a repeated id
+    after that point could slip through, to be overwritten by its later row.)
     """
 
     def __init__(self, output: str, storage_options: dict | None, overwrite: bool):
@@ -246,10 +248,6 @@ class ResolveStage:
         return pa.Table.from_pylist(out, schema=ROW_SCHEMA)
 
 
-def _no_restarts() -> dict:
-    return {"max_restarts": 0}  # a restarted ResolveStage would forget the ids it has seen
-
-
 def manifest_dataset(files: ManifestFiles, info: ModelInfo, limits: ModelLimits, output: str,
                      storage_options: dict | None, overwrite: bool, rows_per_batch: int = 1024):
     """The manifest as a streaming Ray Data dataset of ROW_SCHEMA rows, in manifest order.
@@ -267,5 +265,5 @@ def manifest_dataset(files: ManifestFiles, info: ModelInfo, limits: ModelLimits,
         fn_kwargs={"filesystem": files.storage.fs, "info": info, "limits": limits, "rows_per_batch": rows_per_batch})
     return checked.map_batches(
         ResolveStage, batch_format="pyarrow", batch_size=rows_per_batch, compute=ray.data.ActorPoolStrategy(size=1),
-        num_cpus=0, ray_remote_args_fn=_no_restarts,
+        num_cpus=0,
         fn_constructor_kwargs={"output": output, "storage_options": storage_options, "overwrite": overwrite})

@@ -1,20 +1,22 @@
-"""A generation replica: one model instance (an engine) that turns batches into committed samples.
+"""A generation replica: one model over K ranks that turns batches into committed samples.
 
-The replica is the Ray Data `map_batches` stage of the job, an actor pool of R replicas, each
-actor running two calls at a time. One lock serialises denoising, so while batch n+1 denoises,
-batch n is MP4-encoded and uploaded on the other thread: the accelerator does not wait for
-storage. A call returns only once every sample of its batch is durably committed (videos, stats,
-then the batch's commit record), so the driver never counts a sample done too early.
+Each replica is a `Replica` actor of the job's Ray Data `map_batches` stage (an actor pool of R).
+It holds one STRICT_PACK placement group of K bundles (created by the driver, claimed through
+the job's `Ledger`) and starts its ranks in it: an `Engine` (rank 0: denoises, decodes, writes)
+and K - 1 `RankWorker`s that denoise with it (sequence parallel; gloo on CPU, NCCL on GPUs).
+The ranks are owned by the replica, so they die with it.
 
-Failures: Ray Data restarts a replica whose process died and retries the calls it held. The
-replicas count attempts per batch in the job's `Ledger` actor (a retried call is not told its
-attempt number), so a batch that fails, kills its replica or overruns the per-batch time limit
-(the replica then exits, to be restarted) is retried and, after `max_attempts`, recorded failed.
+The engine runs two calls at a time. One lock serialises denoising, so while batch n+1
+denoises, batch n is MP4-encoded and uploaded on the other thread: the accelerator does not wait
+for storage. A call returns only once every sample of its batch is durably committed (videos,
+stats), and the replica then writes the batch's commit record; only then does the row go on to
+the driver, so it never counts a sample done too early.
 
-With K > 1 ranks the replica actor is rank 0: it starts K - 1 `RankWorker` actors in the other
-bundles of its placement group, forms a torch.distributed group with them (gloo on CPU, NCCL on
-GPUs) and hands every batch to all ranks, which denoise it together (sequence parallel); only
-rank 0 decodes and writes. The workers are owned by the replica, so they die with it.
+Failures: the replica counts attempts per batch in the `Ledger`. A batch whose ranks die (a
+killed process, or the engine ending itself when a batch overruns the per-batch time limit) has
+its ranks restarted in the same placement group and is retried; a batch that raises is retried;
+after `max_attempts` its samples are recorded failed. A replica process that dies itself is
+restarted by Ray Data, which retries its calls.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import socket
 import sys
 import threading
 import traceback
+from dataclasses import asdict
 
 import pyarrow as pa
 import ray
@@ -43,26 +46,34 @@ from .manifest import ROW_SCHEMA
 
 
 class Ledger:
-    """The job's shared memory (a plain actor): attempts and errors per batch, replicas, events."""
+    """The job's shared memory (a plain actor): placement groups, attempts and errors per batch, events."""
 
-    def __init__(self):
+    def __init__(self, groups: list):
+        self.groups = groups
+        self.claims: dict[int, tuple[str, object]] = {}  # group index -> (replica actor id, handle)
+        self.info: dict[int, dict] = {}
         self.errors: dict[str, list[str]] = {}
         self.attempts: dict[str, int] = {}
-        self.replicas: dict[str, tuple[int, dict]] = {}  # actor id -> (index, placement)
         self.events: list[str] = []
 
-    def register(self, actor_id: str, info: dict) -> int:
-        if actor_id in self.replicas:
-            index, old = self.replicas[actor_id]
-            self.events.append(f"replica {index} died (pid {old['pid']}); restarted as pid {info['pid']}, "
-                               "retrying the batches it held")
-        else:
-            index = len(self.replicas)
-        self.replicas[actor_id] = (index, info)
-        return index
+    def claim(self, actor_id: str, handle) -> tuple[int, object]:
+        """A placement group for a replica: its own again after a restart, else a free one."""
+        for i, (owner, _) in self.claims.items():
+            if owner == actor_id:
+                return i, self.groups[i]
+        free = [i for i in range(len(self.groups)) if i not in self.claims]
+        if not free:  # a replica that died while starting is replaced by a new actor
+            free = [i for i, (_, h) in self.claims.items() if not _alive(h)]
+        if not free:
+            raise RuntimeError(f"all {len(self.groups)} placement groups are held by live replicas")
+        self.claims[free[0]] = (actor_id, handle)
+        return free[0], self.groups[free[0]]
+
+    def register(self, index: int, info: dict) -> None:
+        self.info[index] = info
 
     def begin(self, batch_id: str) -> tuple[int, list[str]]:
-        """Count one more attempt; an earlier attempt that left no error died with its replica."""
+        """Count one more attempt; an earlier attempt that left no error died with its ranks."""
         n = self.attempts[batch_id] = self.attempts.get(batch_id, 0) + 1
         errors = self.errors.setdefault(batch_id, [])
         if len(errors) < n - 1:
@@ -74,12 +85,23 @@ class Ledger:
         if event:
             self.events.append(event)
 
+    def event(self, event: str) -> None:
+        self.events.append(event)
+
     def placements(self) -> list[dict]:
-        return [info for _, info in sorted(self.replicas.values(), key=lambda x: x[0])]
+        return [self.info[i] for i in sorted(self.info)]
 
     def drain_events(self) -> list[str]:
         events, self.events = self.events, []
         return events
+
+
+def _alive(handle) -> bool:
+    try:
+        ray.get(handle.__ray_ready__.remote(), timeout=10)
+        return True
+    except Exception:  # noqa: BLE001 - dead, or not answering
+        return False
 
 
 class RankWorker:
@@ -104,29 +126,114 @@ def _load_rank(model: dict, speca: dict | None, parallel: dict, rank: int, init_
     return Generator.load(config, SpeCaConfig(**speca) if speca else None)
 
 
-class Replica:
-    """Engine side of the batch job: the Ray Data UDF, ROW_SCHEMA batches in and out."""
+class Engine:
+    """Rank 0 of a replica: denoises with its peers, then encodes and writes each sample."""
 
-    def __init__(self, model: dict, speca: dict | None, output: str, storage_options: dict | None, fps: int,
-                 crf: int, parallel: dict, rank_resources: dict, ledger, max_attempts: int, time_limit: float):
-        world = parallel["ulysses_degree"] * parallel["ring_degree"]
-        init_method = f"tcp://{_node_ip()}:{_free_port()}"
-        self.workers = [_start_worker(model, speca, parallel, rank, init_method, rank_resources)
-                        for rank in range(1, world)]
+    def __init__(self, model: dict, speca: dict | None, parallel: dict, init_method: str, peers: list,
+                 output: str, storage_options: dict | None, fps: int, crf: int, ledger, time_limit: float):
+        self.peers = peers
         self.generator = _load_rank(model, speca, parallel, 0, init_method)
         self.storage = Storage(output, storage_options)
         self.encoding = VideoEncoding(fps=fps or self.generator.model.info.defaults.fps, crf=crf)
-        self.ledger, self.max_attempts, self.time_limit = ledger, max_attempts, time_limit
+        self.ledger, self.time_limit = ledger, time_limit
         self._denoise = threading.Lock()
-        info = self.info()
-        self.index = ray.get(ledger.register.remote(ray.get_runtime_context().get_actor_id(), info))
-        print(f"[jobs.generate] replica {self.index}: {info['ranks']} rank(s) on node {info['node_ip']} "
-              f"({info['node_id'][:8]}), {info['device']}", file=sys.stderr, flush=True)
 
     def info(self) -> dict:
         return {"pid": os.getpid(), "host": socket.gethostname(), "node_ip": _node_ip(),
                 "node_id": ray.get_runtime_context().get_node_id(), "device": self.generator.model.device,
-                "ranks": 1 + len(self.workers)}
+                "ranks": 1 + len(self.peers)}
+
+    def run(self, batch: list[dict], batch_id: str, label: str) -> list[dict]:
+        """Generate and write a batch of {"request", "extra_json"}; returns the stats rows."""
+        requests = [SampleRequest(**item["request"]) for item in batch]
+        with self._denoise:  # the time limit starts once the batch holds the model
+            timer = self._deadline(batch_id, label, len(requests))
+            try:
+                peers = [w.generate.remote([item["request"] for item in batch]) for w in self.peers]
+                samples = self.generator.generate(requests, batch_size=len(requests))
+                ray.get(peers)
+            except BaseException:
+                timer.cancel()
+                raise
+        try:
+            committed = []
+            for item, sample in zip(batch, samples):
+                sample.stats.extra_json = item["extra_json"]
+                committed.append(write_sample(self.storage, sample, self.encoding))
+            return [asdict(s) for s in committed]
+        finally:
+            timer.cancel()
+
+    def _deadline(self, batch_id: str, label: str, n: int) -> threading.Timer:
+        """Past the time limit, record it and end this process: the replica restarts its ranks."""
+        def expire():
+            message = f"exceeded the batch time limit of {self.time_limit:g} s"
+            with contextlib.suppress(Exception):
+                ray.get(self.ledger.note.remote(batch_id, message, f"{label} {message} on a batch of {n} "
+                                                "sample(s); restarting its ranks"), timeout=10)
+            os._exit(1)
+
+        timer = threading.Timer(self.time_limit, expire)
+        timer.daemon = True
+        timer.start()
+        return timer
+
+
+@ray.remote(num_cpus=0)
+def _rendezvous() -> str:
+    from pipeline.parallel import free_port
+
+    return f"tcp://{_node_ip()}:{free_port()}"  # on the group's node; rank 0 binds it when the group forms
+
+
+class Replica:
+    """The Ray Data UDF: ROW_SCHEMA batches in and out, generated on this replica's ranks."""
+
+    def __init__(self, model: dict, speca: dict | None, output: str, storage_options: dict | None, fps: int,
+                 crf: int, parallel: dict, bundle: dict, ledger, max_attempts: int, time_limit: float):
+        self.engine_args = dict(model=model, speca=speca, parallel=parallel, output=output,
+                                storage_options=storage_options, fps=fps, crf=crf, ledger=ledger,
+                                time_limit=time_limit)
+        self.storage = Storage(output, storage_options)
+        self.bundle, self.ledger, self.max_attempts = bundle, ledger, max_attempts
+        self.model_name = model["model"]
+        ctx = ray.get_runtime_context()
+        self.index, self.group = ray.get(ledger.claim.remote(ctx.get_actor_id(), ctx.current_actor))
+        self.label = f"replica {self.index}"
+        self._lock = threading.Lock()
+        self.generation = 0
+        self._start_ranks()
+
+    def _start_ranks(self) -> None:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        def place(rank: int) -> dict:
+            return {"num_cpus": self.bundle.get("CPU", 1), "num_gpus": self.bundle.get("GPU", 0),
+                    "scheduling_strategy": PlacementGroupSchedulingStrategy(self.group,
+                                                                            placement_group_bundle_index=rank)}
+
+        a = self.engine_args
+        world = a["parallel"]["ulysses_degree"] * a["parallel"]["ring_degree"]
+        init_method = ray.get(_rendezvous.options(scheduling_strategy=place(0)["scheduling_strategy"]).remote())
+        self.peers = [ray.remote(RankWorker).options(max_restarts=0, **place(rank)).remote(
+            a["model"], a["speca"], a["parallel"], rank, init_method) for rank in range(1, world)]
+        self.engine = ray.remote(Engine).options(max_concurrency=2, max_restarts=0, **place(0)).remote(
+            init_method=init_method, peers=self.peers, **a)
+        info = ray.get(self.engine.info.remote())  # waits for the model to load on every rank
+        ray.get(self.ledger.register.remote(self.index, info))
+        print(f"[jobs.generate] {self.label}: {info['ranks']} rank(s) on node {info['node_ip']} "
+              f"({info['node_id'][:8]}), {info['device']}", file=sys.stderr, flush=True)
+
+    def _restart_ranks(self, generation: int) -> None:
+        """Replace ranks that died (once, however many calls saw them die)."""
+        with self._lock:
+            if generation != self.generation:
+                return
+            for actor in [self.engine, *self.peers]:
+                with contextlib.suppress(Exception):
+                    ray.kill(actor, no_restart=True)
+            self._start_ranks()
+            self.generation += 1
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """Generate the "todo" rows (grouped by shape and steps), pass the others through."""
@@ -143,77 +250,35 @@ class Replica:
 
     def _commit(self, group: list[tuple[dict, SampleRequest]]) -> list[dict]:
         batch_id = hashlib.sha256("\n".join(sorted(r.id for _, r in group)).encode()).hexdigest()[:32]
+        items = [{"request": json.loads(row["request_json"]), "extra_json": row["extra_json"]} for row, _ in group]
         while True:
             attempt, errors = ray.get(self.ledger.begin.remote(batch_id))
             if attempt > self.max_attempts:
                 error = f"failed {attempt - 1} attempt(s); last: {errors[-1]}"
-                stats = [failure_stats(req, error, self.generator.model.info.model, json.loads(row["extra_json"]))
+                stats = [failure_stats(req, error, self.model_name, json.loads(row["extra_json"]))
                          for row, req in group]
                 for s in stats:
                     write_failure(self.storage, s)
                 return _done_rows(group, write_commit(self.storage, batch_id, stats), "failed", batch_id)
+            generation = self.generation
             try:
-                stats = self._generate(group, batch_id)
-            except Exception as e:  # noqa: BLE001 - recorded, retried, then the batch fails
-                ray.get(self.ledger.note.remote(batch_id, "".join(traceback.format_exception_only(e)).strip()))
+                rows = ray.get(self.engine.run.remote(items, batch_id, self.label))
+            except ray.exceptions.RayActorError:
+                ray.get(self.ledger.event.remote(f"{self.label} died; restarting its ranks and retrying "
+                                                 f"{len(items)} sample(s)"))
+                self._restart_ranks(generation)
                 continue
+            except ray.exceptions.RayTaskError as e:
+                cause = e.cause if e.cause is not None else e
+                ray.get(self.ledger.note.remote(batch_id, "".join(traceback.format_exception_only(cause)).strip()))
+                continue
+            stats = [SampleStats(**r) for r in rows]
             return _done_rows(group, write_commit(self.storage, batch_id, stats), "ok", batch_id)
-
-    def _generate(self, group: list[tuple[dict, SampleRequest]], batch_id: str) -> list[SampleStats]:
-        requests = [req for _, req in group]
-        with self._denoise:  # the time limit starts once the batch holds the model
-            timer = self._deadline(batch_id, len(requests))
-            try:
-                peers = [w.generate.remote([json.loads(row["request_json"]) for row, _ in group])
-                         for w in self.workers]
-                samples = self.generator.generate(requests, batch_size=len(requests))
-                ray.get(peers)
-            except BaseException:
-                timer.cancel()
-                raise
-        try:
-            committed = []
-            for (row, _), sample in zip(group, samples):
-                sample.stats.extra_json = row["extra_json"]
-                committed.append(write_sample(self.storage, sample, self.encoding))
-            return committed
-        finally:
-            timer.cancel()
-
-    def _deadline(self, batch_id: str, n: int) -> threading.Timer:
-        """Past the time limit, record it and end this process: Ray restarts it and retries."""
-        def expire():
-            message = f"exceeded the batch time limit of {self.time_limit:g} s"
-            with contextlib.suppress(Exception):
-                ray.get(self.ledger.note.remote(batch_id, message, f"replica {self.index} {message} on a batch of "
-                                                f"{n} sample(s); restarting it"), timeout=10)
-            os._exit(1)
-
-        timer = threading.Timer(self.time_limit, expire)
-        timer.daemon = True
-        timer.start()
-        return timer
 
 
 def _done_rows(group, committed: list[dict], kind: str, batch_id: str) -> list[dict]:
     return [{**row, "kind": kind, "request_json": None, "stats_json": json.dumps(stats, default=str),
              "error": stats["error"], "commit": commit_path(batch_id)} for (row, _), stats in zip(group, committed)]
-
-
-def _start_worker(model: dict, speca: dict | None, parallel: dict, rank: int, init_method: str, resources: dict):
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    return ray.remote(RankWorker).options(
-        num_cpus=resources.get("CPU", 1), num_gpus=resources.get("GPU", 0),
-        scheduling_strategy=PlacementGroupSchedulingStrategy(
-            ray.util.get_current_placement_group(), placement_group_bundle_index=rank),
-    ).remote(model, speca, parallel, rank, init_method)
-
-
-def _free_port() -> int:
-    from pipeline.parallel import free_port
-
-    return free_port()  # on this node; rank 0 binds it when the group forms
 
 
 def _node_ip() -> str:

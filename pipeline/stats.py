@@ -140,26 +140,26 @@ def read_stats(storage, columns: list[str] | None = None) -> pa.Table:
 
     Reads index/ and commits/ (one object per batch at most) and, individually, only stats
     files that no record covers (outputs of jobs older than commit records, or a batch that
-    crashed before its record). `columns` (with "id") limits what is parsed.
+    crashed before its record). Columns: COMMIT_SCHEMA (committed_at is null for those loose
+    files), or "id", `columns` and "committed_at" only, which is all that is parsed.
     """
-    wanted = None if columns is None else list(dict.fromkeys(["id", *columns, "committed_at"]))
+    names = COMMIT_SCHEMA.names if columns is None else list(dict.fromkeys(["id", *columns, "committed_at"]))
+    schema = pa.schema([COMMIT_SCHEMA.field(c) for c in names])
     have = _stems(storage, STATS_DIR, ".parquet")
     records = [p for d in (INDEX_DIR, COMMITS_DIR) for p in storage.list(d) if p.endswith(".parquet")]
-    tables = [t for t in _read_all(storage, records, wanted) if t.num_rows]
+    tables = [t for t in _read_all(storage, records, names) if t.num_rows]
     latest: dict[str, tuple[float, int, int]] = {}  # id -> (committed_at, table, row)
     for ti, t in enumerate(tables):
         for ri, (sid, at) in enumerate(zip(t.column("id").to_pylist(), t.column("committed_at").to_pylist())):
             if sid in have and (sid not in latest or at >= latest[sid][0]):
                 latest[sid] = (at, ti, ri)
-    uncovered = sorted(have - latest.keys())
-    loose = _read_all(storage, [f"{STATS_DIR}/{i}.parquet" for i in uncovered],
-                      None if wanted is None else wanted[:-1])
-    schema = STATS_SCHEMA if wanted is None else pa.schema([STATS_SCHEMA.field(c) for c in wanted[:-1]])
     rows: list[list[int]] = [[] for _ in tables]
     for _, ti, ri in latest.values():
         rows[ti].append(ri)
-    picked = [t.take(r).select(schema.names) for t, r in zip(tables, rows) if r]
-    parts = [t.cast(schema) for t in picked + [t.select(schema.names) for t in loose]]
+    parts = [t.take(r).select(names).cast(schema) for t, r in zip(tables, rows) if r]
+    loose = _read_all(storage, [f"{STATS_DIR}/{i}.parquet" for i in sorted(have - latest.keys())], names[:-1])
+    parts += [t.append_column("committed_at", pa.nulls(t.num_rows, pa.float64())).select(names).cast(schema)
+              for t in loose]
     if not parts:
         return schema.empty_table()
     return pa.concat_tables(parts).sort_by("id").combine_chunks()
