@@ -234,6 +234,19 @@ class Collector:
             self.pending, self.pending_commits = [], []
 
 
+def _split(ds, rows: int):
+    """`ds.repartition(target_num_rows_per_block=rows)`, its tasks taking no CPU slot.
+
+    Ray 2.60's `repartition` takes no resource arguments, so its tasks ask for 1 CPU, which the
+    replicas' placement groups may all hold (K = 2 on 2 cores, or 1-CPU nodes): the job would wait
+    forever. Its logical operator does carry `ray_remote_args`; this sets them (tested by every
+    job test whose replicas fill the cluster: K = 2, two 1-CPU nodes).
+    """
+    split = ds.repartition(target_num_rows_per_block=rows)
+    object.__setattr__(split._logical_plan.dag, "ray_remote_args", {"num_cpus": 0})
+    return split
+
+
 def _generate(args, files, info, limits, model_config, speca, parallel: ParallelConfig,
               collector: Collector) -> list[dict]:
     """Run the Ray Data pipeline to the end; returns the replicas' placements."""
@@ -248,8 +261,11 @@ def _generate(args, files, info, limits, model_config, speca, parallel: Parallel
     groups = _placement_groups(args, bundle)
     ledger = ray.remote(Ledger).options(num_cpus=0, name=f"ledger-{os.getpid()}", namespace=NAMESPACE).remote(groups)
     rows = manifest_dataset(files, info, limits, args.output, args.storage_options, args.overwrite)
-    # The replica actors hold no resources themselves: their ranks run in the placement groups.
-    generated = rows.map_batches(
+    # One block per batch, so that every batch is a task of its own, for any replica (a bigger
+    # block would be one task, its batches run in turn on one replica). The replica actors hold
+    # no resources themselves: their ranks run in the placement groups.
+    batches = _split(rows, args.batch_size)
+    generated = batches.map_batches(
         Replica, batch_format="pyarrow", batch_size=args.batch_size, num_cpus=0,
         compute=ray.data.ActorPoolStrategy(size=args.replicas, max_concurrent_calls_per_actor=2,
                                            enable_true_multi_threading=True),
