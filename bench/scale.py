@@ -70,22 +70,25 @@ def write_manifest(path: Path, rows: int) -> float:
     return path.stat().st_size / 1e6
 
 
-def first_commit(rows: int, workdir: Path, watch: float, timeout: float) -> dict:
-    """Run the job on a `rows`-row manifest until `watch` s after its first commit; driver RSS and times."""
+def first_commit(rows: int, workdir: Path, watch: float, timeout: float, tree: Path = ROOT, tag: str = "new") -> dict:
+    """Run the job on a `rows`-row manifest until `watch` s after its first commit; driver RSS and times.
+
+    `tree`: the source tree whose `jobs.generate` runs (this one, or a checkout of the old design).
+    """
     import psutil
 
     manifest = workdir / f"manifest-{rows}.parquet"
-    size_mb = write_manifest(manifest, rows)
-    out = workdir / f"out-{rows}"
+    size_mb = write_manifest(manifest, rows) if not manifest.exists() else manifest.stat().st_size / 1e6
+    out = workdir / f"out-{tag}-{rows}"
     shutil.rmtree(out, ignore_errors=True)
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(tree)}
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "jobs.generate", "--manifest", str(manifest), "--output", str(out),
            "--speca", "off", "--batch-size", "4"]
-    log_path = workdir / f"out-{rows}.log"
+    log_path = workdir / f"out-{tag}-{rows}.log"
     launched = time.time()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     driver = psutil.Process(proc.pid)
     peak = 0
     first = None
@@ -115,7 +118,7 @@ def first_commit(rows: int, workdir: Path, watch: float, timeout: float) -> dict
     if first is None:
         raise RuntimeError(f"no sample committed within {timeout:.0f}s; log {log_path}:\n{log_path.read_text()[-3000:]}")
     committed = len(list((out / "stats").iterdir()))
-    return {"rows": rows, "manifest_mb": size_mb, "first_commit_s": first - launched,
+    return {"design": tag, "rows": rows, "manifest_mb": size_mb, "first_commit_s": first - launched,
             "driver_peak_mb": peak / 2**20, "driver_mb_at_first_commit": rss_at_first / 2**20,
             "watched_s": stopped - launched, "committed_when_stopped": committed, "log": str(log_path)}
 
@@ -243,20 +246,21 @@ def render(report: dict) -> str:
         "",
         "Manifest of tiny-world prompts (2 steps, bundled model, SpeCa off, batch size 4), one Parquet file, "
         "`python -m jobs.generate` with a fresh local Ray; the job is stopped "
-        f"{report['watch_seconds']:.0f} s after its first commit. Old design: figures quoted in issue 18 "
-        "(same machine type, 2 cores).",
+        f"{report['watch_seconds']:.0f} s after its first commit. \"old (measured)\": the replaced design's "
+        "source tree on the same manifests, right after the new one; \"old (issue 18)\": the figures quoted "
+        "in the issue (same machine type, 2 cores).",
         "",
-        "| rows | manifest MB | first commit s (old) | driver peak MB (old) | driver MB at first commit | "
+        "| design | rows | manifest MB | first commit s | driver peak MB | driver MB at first commit | "
         "samples committed when stopped |",
-        "|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in report["first_commit"]:
-        old_first, old_mb = OLD["first_commit_s"].get(r["rows"]), OLD["driver_mb"].get(r["rows"])
-        of = f"{old_first:.0f}" if old_first else "n/a"
-        om = f"{old_mb:.0f}" if old_mb else "n/a"
-        lines.append(f"| {r['rows']:,} | {r['manifest_mb']:.1f} | {r['first_commit_s']:.1f} ({of}) | "
-                     f"{r['driver_peak_mb']:.0f} ({om}) | {r['driver_mb_at_first_commit']:.0f} | "
+        lines.append(f"| {r['design']} (measured) | {r['rows']:,} | {r['manifest_mb']:.1f} | {r['first_commit_s']:.1f} | "
+                     f"{r['driver_peak_mb']:.0f} | {r['driver_mb_at_first_commit']:.0f} | "
                      f"{r['committed_when_stopped']} |")
+    for n, t in OLD["first_commit_s"].items():
+        mb = OLD["driver_mb"].get(n)
+        lines.append(f"| old (issue 18) | {n:,} | | {t:.0f} | {f'{mb:.0f}' if mb else 'n/a'} | | |")
     lines += [
         "",
         "Old design, also quoted: 200,000 rows took 12 s to the first commit with +190 MB in the driver; both grew "
@@ -297,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--watch", type=float, default=20.0, help="seconds to keep a job running after its first commit")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for a first commit")
     parser.add_argument("--storage", default="local,s3", help="resume storages: local, s3 or both")
+    parser.add_argument("--baseline", default=None,
+                        help="source tree of the replaced design (e.g. `git archive b3ef5e8 | tar -x -C DIR`): "
+                             "its first commit and driver memory are measured too, side by side")
     parser.add_argument("--note", default="", help="a line about the machine's other load, for the report")
     parser.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one, removed)")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="markdown report (a .json twin is written next to it)")
@@ -313,10 +320,12 @@ def main(argv: list[str] | None = None) -> int:
               "machine": machine(), "note": args.note, "watch_seconds": args.watch, "old_design": OLD,
               "first_commit": [], "resume": []}
     try:
+        trees = [(ROOT, "new")] + ([(Path(args.baseline).resolve(), "old")] if args.baseline else [])
         for rows in args.rows:
-            r = first_commit(rows, work, args.watch, args.timeout)
-            print(json.dumps(r), file=sys.stderr, flush=True)
-            report["first_commit"].append(r)
+            for tree, tag in trees:
+                r = first_commit(rows, work, args.watch, args.timeout, tree, tag)
+                print(json.dumps(r), file=sys.stderr, flush=True)
+                report["first_commit"].append(r)
         kinds = [k.strip() for k in args.storage.split(",") if k.strip()]
         moto = _moto() if "s3" in kinds else None
         try:

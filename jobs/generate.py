@@ -260,6 +260,8 @@ def _generate(args, files, info, limits, model_config, speca, parallel: Parallel
     bundle = {"CPU": args.cpus_per_rank, **({"GPU": gpus} if gpus else {})}
     groups = _placement_groups(args, bundle)
     ledger = ray.remote(Ledger).options(num_cpus=0, name=f"ledger-{os.getpid()}", namespace=NAMESPACE).remote(groups)
+    # Start work once every replica has loaded its model, as all R are placed already.
+    ray.data.DataContext.get_current().wait_for_min_actors_s = max(1, int(args.ready_timeout))
     rows = manifest_dataset(files, info, limits, args.output, args.storage_options, args.overwrite)
     # One block per batch, so that every batch is a task of its own, for any replica (a bigger
     # block would be one task, its batches run in turn on one replica). The replica actors hold

@@ -64,12 +64,16 @@ def test_ray_job_submit_with_manifest_and_outputs_on_s3(ray_head, s3_bucket, s3_
     runtime_env = {"env_vars": {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                                                           "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION")}}
     runtime_env["env_vars"]["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.run(
-        ["ray", "job", "submit", "--address", dashboard, "--runtime-env-json", json.dumps(runtime_env), "--",
-         sys.executable, "-m", "jobs.generate", "--manifest", manifest, "--output", out_url,
-         "--storage-options", json.dumps({"endpoint_url": s3_endpoint}), *FAST],
-        env=env, capture_output=True, text=True, timeout=600)
-    log = proc.stdout + proc.stderr
+    for _ in range(10):  # a just-started head can answer before its job agent is up
+        proc = subprocess.run(
+            ["ray", "job", "submit", "--address", dashboard, "--runtime-env-json", json.dumps(runtime_env), "--",
+             sys.executable, "-m", "jobs.generate", "--manifest", manifest, "--output", out_url,
+             "--storage-options", json.dumps({"endpoint_url": s3_endpoint}), *FAST],
+            env=env, capture_output=True, text=True, timeout=600)
+        log = proc.stdout + proc.stderr
+        if "No available agent to submit job" not in log:
+            break
+        time.sleep(3)
     assert "rejected rows (errors/manifest.parquet)  2" in log, log[-3000:]
     out = Storage(out_url, storage_options={"endpoint_url": s3_endpoint})
     stats, videos = _outputs(out)
