@@ -173,45 +173,52 @@ def _old_resume(storage, limit: int) -> tuple[float, int]:
     return time.perf_counter() - t0, len(files)
 
 
-def resume(kind: str, samples: int, old_sample: int, workdir: Path, s3=None) -> dict:
+def resume(kinds: list[str], samples: int, old_sample: int, workdir: Path, s3=None) -> list[dict]:
+    """Lay a finished run out on each storage (one pass), then time a rerun's resume on each."""
     from pipeline.stats import done_ids
     from pipeline.storage import Storage
 
-    t0 = time.perf_counter()
-    if kind == "local":
-        root = workdir / "resume-local"
-        shutil.rmtree(root, ignore_errors=True)
-
-        def write(rel: str, data: bytes) -> None:
+    root = workdir / "resume-local"
+    shutil.rmtree(root, ignore_errors=True)
+    writers, storages = [], {}
+    if "local" in kinds:
+        def write_local(rel: str, data: bytes) -> None:
             path = root / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
 
-        objects = lay_out_run(write, samples)
-        storage = Storage(str(root))
-    else:
+        writers.append(write_local)
+        storages["local"] = lambda: Storage(str(root))
+    if "s3" in kinds:
         endpoint, backend, bucket = s3
-
-        def write(rel: str, data: bytes) -> None:
-            backend.put_object(bucket, f"run/{rel}", data)
-
-        objects = lay_out_run(write, samples)
-        storage = Storage(f"s3://{bucket}/run", {"endpoint_url": endpoint})
+        writers.append(lambda rel, data: backend.put_object(bucket, f"run/{rel}", data))
+        storages["s3"] = lambda: Storage(f"s3://{bucket}/run", {"endpoint_url": endpoint})
+    t0 = time.perf_counter()
+    objects = lay_out_run(lambda rel, data: [w(rel, data) for w in writers], samples)
     laid_out = time.perf_counter() - t0
-    reads = _counting_reads(storage)
-    t1 = time.perf_counter()
-    done = done_ids(storage)
-    took = time.perf_counter() - t1
-    if len(done) != samples:
-        raise RuntimeError(f"{kind}: resume found {len(done)} of {samples} committed samples")
-    old_s, old_n = _old_resume(storage, old_sample)
-    return {"storage": kind, "samples": samples, "objects": objects, "layout_seconds": laid_out,
-            "resume_seconds": took, "objects_read": len(reads), "old_sample_files": old_n,
-            "old_seconds_per_file": old_s / old_n, "old_resume_seconds_extrapolated": old_s / old_n * samples}
+    results = []
+    for kind, make in storages.items():
+        storage = make()
+        reads = _counting_reads(storage)
+        t1 = time.perf_counter()
+        done = done_ids(storage)
+        took = time.perf_counter() - t1
+        read = len(reads)
+        if len(done) != samples:
+            raise RuntimeError(f"{kind}: resume found {len(done)} of {samples} committed samples")
+        old_s, old_n = _old_resume(storage, old_sample)
+        results.append({"storage": kind, "samples": samples, "objects": objects,
+                        "layout_seconds_all_storages": laid_out, "resume_seconds": took, "objects_read": read,
+                        "old_sample_files": old_n, "old_seconds_per_file": old_s / old_n,
+                        "old_resume_seconds_extrapolated": old_s / old_n * samples})
+        print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+    return results
 
 
 def _moto():
     """A moto S3 server on 127.0.0.1 with dummy credentials; (endpoint, backend, bucket, server)."""
+    import logging
+
     import boto3
     from moto.server import ThreadedMotoServer
     from moto.s3.models import s3_backends
@@ -219,6 +226,7 @@ def _moto():
     os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                        "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
     os.environ.pop("AWS_PROFILE", None)
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -329,10 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         kinds = [k.strip() for k in args.storage.split(",") if k.strip()]
         moto = _moto() if "s3" in kinds else None
         try:
-            for kind in kinds:
-                r = resume(kind, args.resume_samples, args.old_sample, work, moto[:3] if moto else None)
-                print(json.dumps(r), file=sys.stderr, flush=True)
-                report["resume"].append(r)
+            report["resume"] = resume(kinds, args.resume_samples, args.old_sample, work, moto[:3] if moto else None)
         finally:
             if moto:
                 moto[3].stop()

@@ -10,8 +10,8 @@ index/ (the same rows per batch, for cheap resume), errors/ (rejected manifest r
 samples) and run.json (config, model, versions, counts, time). Rerunning the same command
 resumes: only samples without a committed stats row and video are generated.
 
-On Ray Data: the manifest is streamed (row groups read and checked in parallel, then ids
-resolved in manifest order, jobs/manifest.py), generation is `map_batches` over an actor pool
+On Ray Data: the manifest is streamed (row groups read, rows checked and ids resolved in
+manifest order, jobs/manifest.py), split into one block per batch, generation is `map_batches` over an actor pool
 of R replicas (each in its own STRICT_PACK placement group of K ranks, jobs/replica.py), and the
 driver only consumes the committed rows: counts, errors/, the index, progress, run.json.
 
@@ -48,7 +48,7 @@ from pipeline.writer import write_index
 
 from . import score as score_stage
 from .manifest import ERRORS_SCHEMA, manifest_dataset, manifest_files
-from .replica import Ledger, Replica
+from .replica import Ledger, Replica, start_ranks
 
 EXAMPLE_MANIFEST = Path(__file__).resolve().parent / "data" / "example_prompts.parquet"
 NAMESPACE = "speca-video"
@@ -234,6 +234,19 @@ class Collector:
             self.pending, self.pending_commits = [], []
 
 
+def _placements(groups: list, loaded: dict[int, dict]) -> list[dict]:
+    """Where each replica is: its group's node, and what its rank 0 reported once loaded."""
+    import ray
+    from ray.util.placement_group import placement_group_table
+
+    ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+    out = []
+    for i, pg in enumerate(groups):
+        node = placement_group_table(pg)["bundles_to_node_id"][0]
+        out.append({"node_id": node, "node_ip": ips.get(node), "loaded": i in loaded, **loaded.get(i, {})})
+    return out
+
+
 def _split(ds, rows: int):
     """`ds.repartition(target_num_rows_per_block=rows)`, its tasks taking no CPU slot.
 
@@ -259,9 +272,14 @@ def _generate(args, files, info, limits, model_config, speca, parallel: Parallel
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     bundle = {"CPU": args.cpus_per_rank, **({"GPU": gpus} if gpus else {})}
     groups = _placement_groups(args, bundle)
-    ledger = ray.remote(Ledger).options(num_cpus=0, name=f"ledger-{os.getpid()}", namespace=NAMESPACE).remote(groups)
-    # Start work once every replica has loaded its model, as all R are placed already.
-    ray.data.DataContext.get_current().wait_for_min_actors_s = max(1, int(args.ready_timeout))
+    engine_args = {"model": asdict(model_config), "speca": speca.to_dict() if speca else None,
+                   "parallel": asdict(parallel), "output": args.output, "storage_options": args.storage_options,
+                   "fps": args.fps, "crf": args.crf, "time_limit": args.batch_time_limit}
+    ledger = ray.remote(Ledger).options(num_cpus=0, name=f"ledger-{os.getpid()}", namespace=NAMESPACE).remote(
+        groups, [None] * len(groups))
+    engine_args["ledger"] = ledger
+    # The ranks load their models while Ray Data starts its stages; each replica claims a group.
+    ray.get([ledger.set_ranks.remote(i, start_ranks(pg, bundle, engine_args)) for i, pg in enumerate(groups)])
     rows = manifest_dataset(files, info, limits, args.output, args.storage_options, args.overwrite)
     # One block per batch, so that every batch is a task of its own, for any replica (a bigger
     # block would be one task, its batches run in turn on one replica). The replica actors hold
@@ -271,11 +289,8 @@ def _generate(args, files, info, limits, model_config, speca, parallel: Parallel
         Replica, batch_format="pyarrow", batch_size=args.batch_size, num_cpus=0,
         compute=ray.data.ActorPoolStrategy(size=args.replicas, max_concurrent_calls_per_actor=2,
                                            enable_true_multi_threading=True),
-        fn_constructor_kwargs={
-            "model": asdict(model_config), "speca": speca.to_dict() if speca else None, "output": args.output,
-            "storage_options": args.storage_options, "fps": args.fps, "crf": args.crf, "parallel": asdict(parallel),
-            "bundle": bundle, "ledger": ledger, "max_attempts": args.max_attempts,
-            "time_limit": args.batch_time_limit})
+        fn_constructor_kwargs={"engine_args": engine_args, "bundle": bundle, "ledger": ledger,
+                               "max_attempts": args.max_attempts})
 
     def events() -> None:
         for event in ray.get(ledger.drain_events.remote()):
@@ -286,7 +301,7 @@ def _generate(args, files, info, limits, model_config, speca, parallel: Parallel
             collector.add(batch)
             events()
         events()
-        return ray.get(ledger.placements.remote())
+        return _placements(groups, ray.get(ledger.placements.remote()))
     finally:
         collector.flush()
         ray.kill(ledger)

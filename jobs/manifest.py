@@ -203,7 +203,7 @@ def _flow_row(got: ManifestEntry | RejectedRow) -> dict:
 
 
 def read_and_check(units: dict, filesystem, info: ModelInfo, limits: ModelLimits, rows_per_batch: int):
-    """Ray Data stage (tasks, in parallel): read row groups, check each row on its own."""
+    """Ray Data stage: read row groups, check each row on its own (Ray Data fuses it into ResolveStage)."""
     for path, group, first in zip(units["path"], units["row_group"], units["first_row"]):
         i = int(first)
         for batch in pq.ParquetFile(str(path), filesystem=filesystem).iter_batches(

@@ -1,10 +1,12 @@
 """A generation replica: one model over K ranks that turns batches into committed samples.
 
 Each replica is a `Replica` actor of the job's Ray Data `map_batches` stage (an actor pool of R).
-It holds one STRICT_PACK placement group of K bundles (created by the driver, claimed through
-the job's `Ledger`) and starts its ranks in it: an `Engine` (rank 0: denoises, decodes, writes)
-and K - 1 `RankWorker`s that denoise with it (sequence parallel; gloo on CPU, NCCL on GPUs).
-The ranks are owned by the replica, so they die with it.
+It holds one STRICT_PACK placement group of K bundles and the ranks running in it: an `Engine`
+(rank 0: denoises, decodes, writes) and K - 1 `RankWorker`s that denoise with it (sequence
+parallel; gloo on CPU, NCCL on GPUs). The driver creates the groups and starts the first ranks
+(so models load while Ray Data starts); each replica claims a group and its ranks through the
+job's `Ledger`, and replaces the ranks when they die. The replica actor itself holds no
+resources and imports no torch: it only dispatches and commits.
 
 The engine runs two calls at a time. One lock serialises denoising, so while batch n+1
 denoises, batch n is MP4-encoded and uploaded on the other thread: the accelerator does not wait
@@ -35,12 +37,10 @@ import pyarrow as pa
 import ray
 
 from pipeline.config import ModelConfig, SampleRequest
-from pipeline.generate import Generator
 from pipeline.stats import SampleStats
 from pipeline.storage import Storage
 from pipeline.video_io import VideoEncoding
 from pipeline.writer import commit_path, write_commit, write_failure, write_sample
-from speca import SpeCaConfig
 
 from .manifest import ROW_SCHEMA
 
@@ -48,26 +48,29 @@ from .manifest import ROW_SCHEMA
 class Ledger:
     """The job's shared memory (a plain actor): placement groups, attempts and errors per batch, events."""
 
-    def __init__(self, groups: list):
-        self.groups = groups
+    def __init__(self, groups: list, ranks: list[tuple]):
+        self.groups, self.ranks = groups, ranks  # ranks[i]: (engine, peers) now running in groups[i]
         self.claims: dict[int, tuple[str, object]] = {}  # group index -> (replica actor id, handle)
         self.info: dict[int, dict] = {}
         self.errors: dict[str, list[str]] = {}
         self.attempts: dict[str, int] = {}
         self.events: list[str] = []
 
-    def claim(self, actor_id: str, handle) -> tuple[int, object]:
-        """A placement group for a replica: its own again after a restart, else a free one."""
+    def claim(self, actor_id: str, handle) -> tuple[int, object, tuple]:
+        """A placement group and its ranks for a replica: its own again after a restart, else a free one."""
         for i, (owner, _) in self.claims.items():
             if owner == actor_id:
-                return i, self.groups[i]
+                return i, self.groups[i], self.ranks[i]
         free = [i for i in range(len(self.groups)) if i not in self.claims]
         if not free:  # a replica that died while starting is replaced by a new actor
             free = [i for i, (_, h) in self.claims.items() if not _alive(h)]
         if not free:
             raise RuntimeError(f"all {len(self.groups)} placement groups are held by live replicas")
         self.claims[free[0]] = (actor_id, handle)
-        return free[0], self.groups[free[0]]
+        return free[0], self.groups[free[0]], self.ranks[free[0]]
+
+    def set_ranks(self, index: int, ranks: tuple) -> None:
+        self.ranks[index] = ranks
 
     def register(self, index: int, info: dict) -> None:
         self.info[index] = info
@@ -88,8 +91,8 @@ class Ledger:
     def event(self, event: str) -> None:
         self.events.append(event)
 
-    def placements(self) -> list[dict]:
-        return [self.info[i] for i in sorted(self.info)]
+    def placements(self) -> dict[int, dict]:
+        return dict(self.info)
 
     def drain_events(self) -> list[str]:
         events, self.events = self.events, []
@@ -115,8 +118,12 @@ class RankWorker:
         return len(requests)
 
 
-def _load_rank(model: dict, speca: dict | None, parallel: dict, rank: int, init_method: str) -> Generator:
+def _load_rank(model: dict, speca: dict | None, parallel: dict, rank: int, init_method: str):
+    # Imported here: torch and diffusers load in the rank processes only, so a replica actor
+    # starts in a second and its ranks start loading sooner.
+    from pipeline.generate import Generator
     from pipeline.parallel import ParallelConfig, create_groups, init_distributed
+    from speca import SpeCaConfig
 
     pcfg = ParallelConfig(**parallel)
     config = ModelConfig(**model)
@@ -186,53 +193,60 @@ def _rendezvous() -> str:
     return f"tcp://{_node_ip()}:{free_port()}"  # on the group's node; rank 0 binds it when the group forms
 
 
+def start_ranks(group, bundle: dict, engine_args: dict) -> tuple:
+    """Start a replica's K ranks in its placement group (without waiting for them to load)."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    def place(rank: int) -> dict:
+        return {"num_cpus": bundle.get("CPU", 1), "num_gpus": bundle.get("GPU", 0),
+                "scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank)}
+
+    a = engine_args
+    world = a["parallel"]["ulysses_degree"] * a["parallel"]["ring_degree"]
+    init_method = "" if world == 1 else ray.get(
+        _rendezvous.options(scheduling_strategy=place(0)["scheduling_strategy"]).remote())
+    peers = [ray.remote(RankWorker).options(max_restarts=0, **place(rank)).remote(
+        a["model"], a["speca"], a["parallel"], rank, init_method) for rank in range(1, world)]
+    engine = ray.remote(Engine).options(max_concurrency=2, max_restarts=0, **place(0)).remote(
+        init_method=init_method, peers=peers, **a)
+    return engine, peers
+
+
 class Replica:
     """The Ray Data UDF: ROW_SCHEMA batches in and out, generated on this replica's ranks."""
 
-    def __init__(self, model: dict, speca: dict | None, output: str, storage_options: dict | None, fps: int,
-                 crf: int, parallel: dict, bundle: dict, ledger, max_attempts: int, time_limit: float):
-        self.engine_args = dict(model=model, speca=speca, parallel=parallel, output=output,
-                                storage_options=storage_options, fps=fps, crf=crf, ledger=ledger,
-                                time_limit=time_limit)
-        self.storage = Storage(output, storage_options)
-        self.bundle, self.ledger, self.max_attempts = bundle, ledger, max_attempts
-        self.model_name = model["model"]
+    def __init__(self, engine_args: dict, bundle: dict, ledger, max_attempts: int):
+        self.engine_args, self.bundle, self.ledger, self.max_attempts = engine_args, bundle, ledger, max_attempts
+        self.storage = Storage(engine_args["output"], engine_args["storage_options"])
+        self.model_name = engine_args["model"]["model"]
         ctx = ray.get_runtime_context()
-        self.index, self.group = ray.get(ledger.claim.remote(ctx.get_actor_id(), ctx.current_actor))
+        self.index, self.group, (self.engine, self.peers) = ray.get(
+            ledger.claim.remote(ctx.get_actor_id(), ctx.current_actor))
         self.label = f"replica {self.index}"
         self._lock = threading.Lock()
         self.generation = 0
-        self._start_ranks()
-
-    def _start_ranks(self) -> None:
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        def place(rank: int) -> dict:
-            return {"num_cpus": self.bundle.get("CPU", 1), "num_gpus": self.bundle.get("GPU", 0),
-                    "scheduling_strategy": PlacementGroupSchedulingStrategy(self.group,
-                                                                            placement_group_bundle_index=rank)}
-
-        a = self.engine_args
-        world = a["parallel"]["ulysses_degree"] * a["parallel"]["ring_degree"]
-        init_method = ray.get(_rendezvous.options(scheduling_strategy=place(0)["scheduling_strategy"]).remote())
-        self.peers = [ray.remote(RankWorker).options(max_restarts=0, **place(rank)).remote(
-            a["model"], a["speca"], a["parallel"], rank, init_method) for rank in range(1, world)]
-        self.engine = ray.remote(Engine).options(max_concurrency=2, max_restarts=0, **place(0)).remote(
-            init_method=init_method, peers=self.peers, **a)
-        info = ray.get(self.engine.info.remote())  # waits for the model to load on every rank
+        try:
+            info = ray.get(self.engine.info.remote())  # the driver started the ranks: wait for the model
+        except ray.exceptions.RayActorError:  # they died before this replica (re)started
+            info = self._start_ranks()
         ray.get(self.ledger.register.remote(self.index, info))
         print(f"[jobs.generate] {self.label}: {info['ranks']} rank(s) on node {info['node_ip']} "
               f"({info['node_id'][:8]}), {info['device']}", file=sys.stderr, flush=True)
+
+    def _start_ranks(self) -> dict:
+        for actor in [self.engine, *self.peers]:
+            with contextlib.suppress(Exception):
+                ray.kill(actor, no_restart=True)
+        self.engine, self.peers = start_ranks(self.group, self.bundle, self.engine_args)
+        ray.get(self.ledger.set_ranks.remote(self.index, (self.engine, self.peers)))
+        return ray.get(self.engine.info.remote())
 
     def _restart_ranks(self, generation: int) -> None:
         """Replace ranks that died (once, however many calls saw them die)."""
         with self._lock:
             if generation != self.generation:
                 return
-            for actor in [self.engine, *self.peers]:
-                with contextlib.suppress(Exception):
-                    ray.kill(actor, no_restart=True)
-            self._start_ranks()
+            ray.get(self.ledger.register.remote(self.index, self._start_ranks()))
             self.generation += 1
 
     def __call__(self, batch: pa.Table) -> pa.Table:
