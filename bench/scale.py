@@ -255,7 +255,7 @@ def render(report: dict) -> str:
         "Manifest of tiny-world prompts (2 steps, bundled model, SpeCa off, batch size 4), one Parquet file, "
         "`python -m jobs.generate` with a fresh local Ray; the job is stopped "
         f"{report['watch_seconds']:.0f} s after its first commit. \"old (measured)\": the replaced design's "
-        "source tree on the same manifests, right after the new one; \"old (issue 18)\": the figures quoted "
+        "source tree (`git archive b3ef5e8`, passed as --baseline) on the same manifests, right after the new one; \"old (issue 18)\": the figures quoted "
         "in the issue (same machine type, 2 cores).",
         "",
         "| design | rows | manifest MB | first commit s | driver peak MB | driver MB at first commit | "
@@ -334,10 +334,12 @@ def main(argv: list[str] | None = None) -> int:
                 r = first_commit(rows, work, args.watch, args.timeout, tree, tag)
                 print(json.dumps(r), file=sys.stderr, flush=True)
                 report["first_commit"].append(r)
-        kinds = [k.strip() for k in args.storage.split(",") if k.strip()]
+        kinds = [k.strip() for k in args.storage.split(",") if k.strip() in ("local", "s3")]
         moto = _moto() if "s3" in kinds else None
         try:
-            report["resume"] = resume(kinds, args.resume_samples, args.old_sample, work, moto[:3] if moto else None)
+            if kinds:
+                report["resume"] = resume(kinds, args.resume_samples, args.old_sample, work,
+                                          moto[:3] if moto else None)
         finally:
             if moto:
                 moto[3].stop()
