@@ -280,7 +280,8 @@ def _generate(args, files, info, limits, model_config, speca, parallel: Parallel
     engine_args["ledger"] = ledger
     # The ranks load their models while Ray Data starts its stages; each replica claims a group.
     ray.get([ledger.set_ranks.remote(i, start_ranks(pg, bundle, engine_args)) for i, pg in enumerate(groups)])
-    rows = manifest_dataset(files, info, limits, args.output, args.storage_options, args.overwrite)
+    rows = manifest_dataset(files, info, limits, args.output, args.storage_options, args.overwrite, ledger,
+                            lead=max(8192, 64 * args.batch_size * args.replicas))
     # One block per batch, so that every batch is a task of its own, for any replica (a bigger
     # block would be one task, its batches run in turn on one replica). The replica actors hold
     # no resources themselves: their ranks run in the placement groups.

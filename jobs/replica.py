@@ -54,6 +54,7 @@ class Ledger:
         self.info: dict[int, dict] = {}
         self.errors: dict[str, list[str]] = {}
         self.attempts: dict[str, int] = {}
+        self.started_rows = 0  # samples whose first attempt has begun (ResolveStage keeps a bounded lead)
         self.events: list[str] = []
 
     def claim(self, actor_id: str, handle) -> tuple[int, object, tuple]:
@@ -75,13 +76,18 @@ class Ledger:
     def register(self, index: int, info: dict) -> None:
         self.info[index] = info
 
-    def begin(self, batch_id: str) -> tuple[int, list[str]]:
+    def begin(self, batch_id: str, samples: int) -> tuple[int, list[str]]:
         """Count one more attempt; an earlier attempt that left no error died with its ranks."""
         n = self.attempts[batch_id] = self.attempts.get(batch_id, 0) + 1
+        if n == 1:
+            self.started_rows += samples
         errors = self.errors.setdefault(batch_id, [])
         if len(errors) < n - 1:
             errors.append("replica died")
         return n, list(errors)
+
+    def started(self) -> int:
+        return self.started_rows
 
     def note(self, batch_id: str, error: str, event: str | None = None) -> None:
         self.errors.setdefault(batch_id, []).append(error)
@@ -266,7 +272,7 @@ class Replica:
         batch_id = hashlib.sha256("\n".join(sorted(r.id for _, r in group)).encode()).hexdigest()[:32]
         items = [{"request": json.loads(row["request_json"]), "extra_json": row["extra_json"]} for row, _ in group]
         while True:
-            attempt, errors = ray.get(self.ledger.begin.remote(batch_id))
+            attempt, errors = ray.get(self.ledger.begin.remote(batch_id, len(group)))
             if attempt > self.max_attempts:
                 error = f"failed {attempt - 1} attempt(s); last: {errors[-1]}"
                 stats = [failure_stats(req, error, self.model_name, json.loads(row["extra_json"]))
