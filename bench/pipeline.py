@@ -19,7 +19,7 @@ What is reported, per R:
   sample committed - all replicas ready). Startup = process launch until the job logs that every
   replica has loaded its model (split at its first log line: imports + manifest, then Ray start +
   model load); commit times are the stats files' modification times.
-* stage sums from stats/<id>.parquet. Text, denoise and decode are batch stages (every sample of a
+* stage sums from the run's stats (`pipeline.stats.read_stats`). Text, denoise and decode are batch stages (every sample of a
   batch carries the batch's time), so they are summed once per batch; encode and upload are per
   sample. Busy share of the denoise lock per replica = sum(denoise) / (R x window), for the
   steady window and for the job's whole wall time.
@@ -47,10 +47,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.stats import read_stats
+from pipeline.storage import Storage
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results" / "pipeline.md"
 READY_LINE = re.compile(r"\[jobs\.generate\] replica (\d+): ")  # printed once replica i has loaded its model
-START_LINE = re.compile(r"\[jobs\.generate\] \d+ valid rows")  # manifest read, Ray about to start
+START_LINE = re.compile(r"\[jobs\.generate\] manifest ")  # manifest found, Ray about to start
 BATCH_STAGES = ("text", "denoise", "decode")  # shared by the samples of a batch, under the denoise lock
 SAMPLE_STAGES = ("encode", "upload")  # per sample, on the replica's second thread
 
@@ -138,8 +141,8 @@ def run_job(manifest: Path, output: Path, replicas: int, batch_size: int, timeou
 def analyse(output: Path, replicas: int, times: dict) -> dict:
     """Throughput, stage sums, busy share and overlap of one job run (see the module docstring)."""
     record = json.loads((output / "run.json").read_text())
-    files = sorted((output / "stats").glob("*.parquet"))
-    rows = [r for f in files for r in pq.read_table(f).to_pylist()]
+    rows = read_stats(Storage(str(output))).to_pylist()
+    files = [output / "stats" / f"{r['id']}.parquet" for r in rows]
     ok = [r for r in rows if r["status"] == "ok"]
     generated = record["counts"]["generated"]
     if not ok or len(ok) != generated:

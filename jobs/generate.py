@@ -5,9 +5,15 @@
     python -m jobs.generate ... --score [--reference URL]    # then the scoring stage (jobs.score)
 
 With no Ray address (no --address, no RAY_ADDRESS) a local Ray is started on 127.0.0.1.
-Outputs under --output: videos/<id>.mp4, stats/<id>.parquet (one row per sample), errors/
-(rejected manifest rows, failed samples) and run.json (config, model, versions, counts, time).
-Rerunning the same command resumes: only samples without a committed stats row are generated.
+Outputs under --output: videos/<id>.mp4, stats/<id>.parquet (one row per sample), commits/ and
+index/ (the same rows per batch, for cheap resume), errors/ (rejected manifest rows, failed
+samples) and run.json (config, model, versions, counts, time). Rerunning the same command
+resumes: only samples without a committed stats row and video are generated.
+
+On Ray Data: the manifest is streamed (row groups read, rows checked and ids resolved in
+manifest order, jobs/manifest.py), split into one block per batch, generation is `map_batches` over an actor pool
+of R replicas (each in its own STRICT_PACK placement group of K ranks, jobs/replica.py), and the
+driver only consumes the committed rows: counts, errors/, the index, progress, run.json.
 
 Exit status: 0 every valid row done; 1 some samples failed after every attempt; 2 bad
 arguments or unreachable storage; 3 all valid rows done but some manifest rows were rejected.
@@ -21,13 +27,13 @@ import os
 import subprocess
 import sys
 import time
-from collections import deque
-from dataclasses import asdict, dataclass, field
+import uuid
+from dataclasses import asdict
 from pathlib import Path
 
 import pyarrow as pa
 
-from pipeline.config import InvalidRequest
+from pipeline.config import InvalidRequest, with_token_budget
 from pipeline.generate import (
     add_model_arguments,
     model_config_from_args,
@@ -35,29 +41,18 @@ from pipeline.generate import (
 )
 from pipeline.loading import read_model_info
 from pipeline.parallel.config import ParallelConfig
-from pipeline.stats import STATS_SCHEMA, SampleStats
+from pipeline.stats import STATS_SCHEMA
 from pipeline.storage import Storage, StorageError
 from pipeline.video_io import VideoEncoding
-from pipeline.writer import write_failure
+from pipeline.writer import write_index
 
 from . import score as score_stage
-from .manifest import ManifestEntry, read_manifest
-from .replica import Replica, failure_stats
+from .manifest import ERRORS_SCHEMA, manifest_dataset, manifest_files
+from .replica import Ledger, Replica, start_ranks
 
 EXAMPLE_MANIFEST = Path(__file__).resolve().parent / "data" / "example_prompts.parquet"
 NAMESPACE = "speca-video"
-
-
-@dataclass
-class Work:
-    """A batch of manifest entries and how often it was tried."""
-
-    entries: list[ManifestEntry]
-    attempts: int = 0
-    errors: list[str] = field(default_factory=list)
-
-    def payload(self) -> list[dict]:
-        return [{"request": asdict(e.request), "extra": e.extra} for e in self.entries]
+INDEX_ROWS, INDEX_SECONDS = 10_000, 300.0  # the driver compacts commit records this often
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, default=4, help="samples with equal shape/steps denoised together")
     run.add_argument("--max-attempts", type=int, default=3, help="tries per sample before it is recorded as failed")
     run.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for replica resources")
+    run.add_argument("--batch-time-limit", type=float, default=10800.0,
+                     help="seconds a batch may hold a replica (denoise + commit) before the replica is restarted "
+                          "and the batch retried (default: 3 h)")
+    run.add_argument("--max-tokens", type=int, default=None,
+                     help="latent tokens per sample a row may ask for (default: the model's default size)")
     run.add_argument("--fps", type=int, default=0, help="MP4 frame rate (default: the model's)")
     run.add_argument("--crf", type=int, default=VideoEncoding.crf, help="x264 quality (0 = lossless)")
     add_model_arguments(parser)
@@ -119,24 +119,6 @@ def _versions() -> dict:
             "transformers": transformers.__version__, "ray": ray.__version__, "code_revision": rev}
 
 
-def _done_ids(storage: Storage) -> set[str]:
-    """Ids whose stats row is committed with status ok (failed ones are retried on resume)."""
-    done = set()
-    for rel in storage.list("stats"):
-        if rel.endswith(".parquet"):
-            table = storage.read_parquet(rel)
-            if table.num_rows and table.column("status")[0].as_py() == "ok":
-                done.add(Path(rel).stem)
-    return done
-
-
-def _batches(entries: list[ManifestEntry], batch_size: int) -> list[Work]:
-    groups: dict[tuple, list[ManifestEntry]] = {}
-    for e in entries:
-        groups.setdefault(e.request.batch_key(), []).append(e)
-    return [Work(g[i:i + batch_size]) for g in groups.values() for i in range(0, len(g), batch_size)]
-
-
 def _init_ray(address: str | None) -> bool:
     """Connect to Ray; returns True when this call started a local Ray (to shut down after)."""
     import ray
@@ -152,154 +134,180 @@ def _init_ray(address: str | None) -> bool:
     return True
 
 
-class ReplicaPool:
-    """R replicas, each in its own STRICT_PACK placement group of K bundles; restarts dead ones."""
+class ReplicaPlacementError(RuntimeError):
+    """The cluster cannot hold the replicas asked for."""
 
-    def __init__(self, args, model: dict, speca: dict | None, parallel: dict, run_tag: str):
-        import ray
-        from ray.util.placement_group import placement_group
 
-        self.args, self.model, self.speca, self.parallel = args, model, speca, parallel
-        gpus = args.gpus_per_rank
-        if gpus is None:
-            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-        self.bundle = {"CPU": args.cpus_per_rank, **({"GPU": gpus} if gpus else {})}
-        self.gpus = gpus
-        self.names = [f"replica-{run_tag}-{i}" for i in range(args.replicas)]
-        self.groups = [placement_group([self.bundle] * args.ranks_per_replica, strategy="STRICT_PACK")
-                       for _ in range(args.replicas)]
-        try:
-            ray.get([pg.ready() for pg in self.groups], timeout=args.ready_timeout)
-        except ray.exceptions.GetTimeoutError:
-            raise RuntimeError(
-                f"timed out after {args.ready_timeout:.0f}s waiting for {args.replicas} replica(s) of "
-                f"{args.ranks_per_replica} x {self.bundle} on one node each; cluster has {ray.cluster_resources()}. "
-                f"Lower --replicas / --ranks-per-replica or add nodes") from None
-        self.actors = [self._start(i) for i in range(args.replicas)]
-        self.placements = ray.get([a.info.remote() for a in self.actors])  # waits for the models to load
-        for i, p in enumerate(self.placements):
-            print(f"[jobs.generate] replica {i}: {p['ranks']} rank(s) on node {p['node_ip']} "
-                  f"({p['node_id'][:8]}), {p['device']}", file=sys.stderr, flush=True)
+def _placement_groups(args, bundle: dict) -> list:
+    """R STRICT_PACK groups of K bundles, ready, or ReplicaPlacementError saying what is missing."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
 
-    def _start(self, i: int):
-        import ray
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        actor_cls = ray.remote(Replica)
-        return actor_cls.options(
-            name=self.names[i], num_cpus=self.args.cpus_per_rank, num_gpus=self.gpus, max_concurrency=2,
-            max_restarts=0, scheduling_strategy=PlacementGroupSchedulingStrategy(
-                self.groups[i], placement_group_bundle_index=0, placement_group_capture_child_tasks=True),
-        ).remote(self.model, self.speca, self.args.output, self.args.storage_options, self.args.fps, self.args.crf,
-                 self.parallel, self.bundle)
-
-    def restart(self, i: int) -> None:
-        import ray
-
-        try:
-            ray.kill(self.actors[i], no_restart=True)
-        except Exception:  # noqa: BLE001 - already gone
-            pass
-        self.actors[i] = self._start(i)
-
-    def shutdown(self) -> None:
-        import ray
-        from ray.util.placement_group import remove_placement_group
-
-        for a in self.actors:
-            ray.kill(a, no_restart=True)
-        for pg in self.groups:
+    groups = [placement_group([bundle] * args.ranks_per_replica, strategy="STRICT_PACK")
+              for _ in range(args.replicas)]
+    try:
+        ray.get([pg.ready() for pg in groups], timeout=args.ready_timeout)
+    except ray.exceptions.GetTimeoutError:
+        for pg in groups:
             remove_placement_group(pg)
+        raise ReplicaPlacementError(
+            f"timed out after {args.ready_timeout:.0f}s waiting for {args.replicas} replica(s) of "
+            f"{args.ranks_per_replica} x {bundle} on one node each; cluster has {ray.cluster_resources()}. "
+            f"Lower --replicas / --ranks-per-replica or add nodes") from None
+    return groups
 
 
 class Progress:
-    """A progress line on stderr when counts change (and at least every `quiet` seconds)."""
+    """A progress line on stderr when counts change (at most every `every` s, at least every `quiet` s)."""
 
-    def __init__(self, total: int, skipped: int, rejected: int, every: float = 5.0, quiet: float = 60.0):
-        self.total, self.skipped, self.rejected, self.every, self.quiet = total, skipped, rejected, every, quiet
-        self.done = self.failed = 0
+    def __init__(self, rows: int, every: float = 5.0, quiet: float = 60.0):
+        self.rows, self.every, self.quiet = rows, every, quiet
+        self.done = self.failed = self.resumed = self.rejected = 0
         self.start = self.last = time.monotonic()
+        self.changed = False
 
-    def update(self, done: int = 0, failed: int = 0, force: bool = False) -> None:
+    def update(self, done: int = 0, failed: int = 0, resumed: int = 0, rejected: int = 0,
+               force: bool = False) -> None:
         self.done += done
         self.failed += failed
+        self.resumed += resumed
+        self.rejected += rejected
+        self.changed |= bool(done or failed or resumed or rejected)
         now = time.monotonic()
-        if not (force or done or failed or now - self.last >= self.quiet):
+        if not (force or (self.changed and now - self.last >= self.every) or now - self.last >= self.quiet):
             return
-        self.last = now
-        finished = self.done + self.failed
+        self.last, self.changed = now, False
+        seen = self.done + self.failed + self.resumed + self.rejected
         rate = self.done / max(now - self.start, 1e-9) * 3600
-        left = self.total - finished
-        eta = left / (rate / 3600) if rate > 0 else float("inf")
-        eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta != float("inf") else "--:--:--"
-        print(f"[jobs.generate] done {self.done + self.skipped}/{self.total + self.skipped} "
-              f"(resumed {self.skipped}) failed {self.failed} rejected {self.rejected} | "
-              f"{rate:.1f} samples/h | ETA {eta_s}", file=sys.stderr, flush=True)
+        left = max(self.rows - seen, 0)
+        eta = time.strftime("%H:%M:%S", time.gmtime(left / (rate / 3600))) if rate > 0 else "--:--:--"
+        print(f"[jobs.generate] rows {seen}/{self.rows}: done {self.done} resumed {self.resumed} "
+              f"failed {self.failed} rejected {self.rejected} | {rate:.1f} samples/h | ETA {eta}",
+              file=sys.stderr, flush=True)
 
 
-class Scheduler:
-    """Driver side: keeps two batches in flight per replica, retries work a dead replica held."""
+class Collector:
+    """Driver side: what the pipeline hands back (counts, errors, failures), and the index it writes."""
 
-    def __init__(self, args, storage: Storage, info, progress: Progress):
-        self.args, self.storage, self.info, self.progress = args, storage, info, progress
-        self.queue: deque[Work] = deque()
-        self.inflight: dict = {}  # ObjectRef -> (replica index, Work)
-        self.failed: list[SampleStats] = []
-        self.placements: list[dict] = []
+    def __init__(self, storage: Storage, progress: Progress):
+        self.storage, self.progress = storage, progress
+        self.rejected: list[dict] = []
+        self.failed: list[dict] = []
+        self.resumed = self.generated = 0
+        self.run_tag, self.seq = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}", 0
+        self.pending: list[dict] = []
+        self.pending_commits: list[str] = []
+        self.flushed = time.monotonic()
 
-    def run(self, work: list[Work], model_config, speca, parallel: ParallelConfig) -> None:
-        import ray
+    def add(self, batch: pa.Table) -> None:
+        counts = {"done": 0, "failed": 0, "resumed": 0, "rejected": 0}
+        for r in batch.to_pylist():
+            kind = r["kind"]
+            if kind == "resumed":
+                counts["resumed"] += r["count"]
+            elif kind == "rejected":
+                counts["rejected"] += 1
+                self.rejected.append({k: r[k] for k in ERRORS_SCHEMA.names})
+                if len(self.rejected) <= 10:
+                    print(f"[jobs.generate] rejected manifest row {r['row']}: {r['error']}", file=sys.stderr)
+            else:  # ok / failed: committed by a replica
+                stats = json.loads(r["stats_json"])
+                self.pending.append(stats)
+                self.pending_commits.append(r["commit"])
+                if kind == "ok":
+                    counts["done"] += 1
+                else:
+                    counts["failed"] += 1
+                    self.failed.append({k: stats[k] for k in STATS_SCHEMA.names})
+        self.resumed += counts["resumed"]
+        self.generated += counts["done"]
+        self.progress.update(**counts)
+        if len(self.pending) >= INDEX_ROWS or time.monotonic() - self.flushed >= INDEX_SECONDS:
+            self.flush()
 
-        self.queue.extend(work)
-        pool = ReplicaPool(self.args, asdict(model_config), speca.to_dict() if speca else None, asdict(parallel),
-                           run_tag=str(os.getpid()))
-        self.placements = pool.placements
-        try:
-            while self.queue or self.inflight:
-                self._submit(pool)
-                ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=self.progress.every)
-                for ref in ready:
-                    self._collect(pool, ref)
-                self.progress.update()
-        finally:
-            pool.shutdown()
+    def flush(self) -> None:
+        """Compact the commit records seen so far into one index part (see pipeline/writer.py)."""
+        self.flushed = time.monotonic()
+        if self.pending:
+            write_index(self.storage, self.run_tag, self.seq, self.pending, self.pending_commits)
+            self.seq += 1
+            self.pending, self.pending_commits = [], []
 
-    def _submit(self, pool: ReplicaPool) -> None:
-        for i, actor in enumerate(pool.actors):
-            while self.queue and sum(1 for r, _ in self.inflight.values() if r == i) < 2:
-                work = self.queue.popleft()
-                work.attempts += 1
-                self.inflight[actor.run.remote(work.payload())] = (i, work)
 
-    def _collect(self, pool: ReplicaPool, ref) -> None:
-        import ray
+def _placements(groups: list, loaded: dict[int, dict]) -> list[dict]:
+    """Where each replica is: its group's node, and what its rank 0 reported once loaded."""
+    import ray
+    from ray.util.placement_group import placement_group_table
 
-        i, work = self.inflight.pop(ref)
-        try:
-            self.progress.update(done=len(ray.get(ref)))
-        except ray.exceptions.RayActorError as e:
-            # The replica process died: restart it and retry everything it held.
-            held = [r for r, (j, _) in self.inflight.items() if j == i]
-            lost = [work] + [self.inflight.pop(r)[1] for r in held]
-            print(f"[jobs.generate] replica {i} died; restarting it and retrying "
-                  f"{sum(len(w.entries) for w in lost)} sample(s)", file=sys.stderr, flush=True)
-            pool.restart(i)
-            for w in lost:
-                self._retry_or_fail(w, f"replica died: {e}")
-        except ray.exceptions.RayTaskError as e:
-            self._retry_or_fail(work, str(e.cause if e.cause is not None else e))
+    ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+    out = []
+    for i, pg in enumerate(groups):
+        node = placement_group_table(pg)["bundles_to_node_id"][0]
+        out.append({"node_id": node, "node_ip": ips.get(node), "loaded": i in loaded, **loaded.get(i, {})})
+    return out
 
-    def _retry_or_fail(self, work: Work, error: str) -> None:
-        work.errors.append(error)
-        if work.attempts < self.args.max_attempts:
-            self.queue.append(work)
-            return
-        for e in work.entries:
-            stats = failure_stats(e.request, f"failed {work.attempts} attempt(s); last: {error}", self.info.model,
-                                  e.extra)
-            write_failure(self.storage, stats)
-            self.failed.append(stats)
-        self.progress.update(failed=len(work.entries))
+
+def _split(ds, rows: int):
+    """`ds.repartition(target_num_rows_per_block=rows)`, its tasks taking no CPU slot.
+
+    Ray 2.60's `repartition` takes no resource arguments, so its tasks ask for 1 CPU, which the
+    replicas' placement groups may all hold (K = 2 on 2 cores, or 1-CPU nodes): the job would wait
+    forever. Its logical operator does carry `ray_remote_args`; this sets them (tested by every
+    job test whose replicas fill the cluster: K = 2, two 1-CPU nodes).
+    """
+    split = ds.repartition(target_num_rows_per_block=rows)
+    object.__setattr__(split._logical_plan.dag, "ray_remote_args", {"num_cpus": 0})
+    return split
+
+
+def _generate(args, files, info, limits, model_config, speca, parallel: ParallelConfig,
+              collector: Collector) -> list[dict]:
+    """Run the Ray Data pipeline to the end; returns the replicas' placements."""
+    import ray
+    import ray.data
+    from ray.util.placement_group import remove_placement_group
+
+    gpus = args.gpus_per_rank
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    bundle = {"CPU": args.cpus_per_rank, **({"GPU": gpus} if gpus else {})}
+    groups = _placement_groups(args, bundle)
+    engine_args = {"model": asdict(model_config), "speca": speca.to_dict() if speca else None,
+                   "parallel": asdict(parallel), "output": args.output, "storage_options": args.storage_options,
+                   "fps": args.fps, "crf": args.crf, "time_limit": args.batch_time_limit}
+    ledger = ray.remote(Ledger).options(num_cpus=0, name=f"ledger-{os.getpid()}", namespace=NAMESPACE).remote(
+        groups, [None] * len(groups))
+    engine_args["ledger"] = ledger
+    # The ranks load their models while Ray Data starts its stages; each replica claims a group.
+    ray.get([ledger.set_ranks.remote(i, start_ranks(pg, bundle, engine_args)) for i, pg in enumerate(groups)])
+    rows = manifest_dataset(files, info, limits, args.output, args.storage_options, args.overwrite, ledger,
+                            lead=max(8192, 64 * args.batch_size * args.replicas))
+    # One block per batch, so that every batch is a task of its own, for any replica (a bigger
+    # block would be one task, its batches run in turn on one replica). The replica actors hold
+    # no resources themselves: their ranks run in the placement groups.
+    batches = _split(rows, args.batch_size)
+    generated = batches.map_batches(
+        Replica, batch_format="pyarrow", batch_size=args.batch_size, num_cpus=0,
+        compute=ray.data.ActorPoolStrategy(size=args.replicas, max_concurrent_calls_per_actor=2,
+                                           enable_true_multi_threading=True),
+        fn_constructor_kwargs={"engine_args": engine_args, "bundle": bundle, "ledger": ledger,
+                               "max_attempts": args.max_attempts})
+
+    def events() -> None:
+        for event in ray.get(ledger.drain_events.remote()):
+            print(f"[jobs.generate] {event}", file=sys.stderr, flush=True)
+
+    try:
+        for batch in generated.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
+            collector.add(batch)
+            events()
+        events()
+        return _placements(groups, ray.get(ledger.placements.remote()))
+    finally:
+        collector.flush()
+        ray.kill(ledger)
+        for pg in groups:
+            remove_placement_group(pg)
 
 
 def run(args) -> int:
@@ -308,13 +316,16 @@ def run(args) -> int:
         model_config = model_config_from_args(args)
         speca = speca_config_from_args(args)
         info = read_model_info(model_config.model)
-        storage = Storage(args.output, args.storage_options)
-        storage.check()
-        manifest = read_manifest(args.manifest, info, args.storage_options)
+        limits = with_token_budget(info.limits, info.defaults, args.max_tokens)
         if args.replicas < 1 or args.ranks_per_replica < 1 or args.batch_size < 1 or args.max_attempts < 1:
             raise InvalidRequest("replicas/ranks-per-replica/batch-size/max-attempts",
                                  (args.replicas, args.ranks_per_replica, args.batch_size, args.max_attempts),
                                  "must all be >= 1")
+        if not args.batch_time_limit > 0:
+            raise InvalidRequest("batch-time-limit", args.batch_time_limit, "must be > 0 seconds")
+        storage = Storage(args.output, args.storage_options)
+        storage.check()
+        files = manifest_files(args.manifest, args.storage_options)
         parallel = _parallel_for(args, info)
         if args.score:  # fail before generating anything, not after
             score_stage.vbench_env.check_weights(score_stage.parse_dimensions(args.dimensions))
@@ -322,51 +333,48 @@ def run(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    if manifest.rejected:
-        storage.write_parquet("errors/manifest.parquet", manifest.errors_table())
-        for r in manifest.rejected[:10]:
-            print(f"[jobs.generate] rejected manifest row {r.row}: {r.error}", file=sys.stderr)
-    done = set() if args.overwrite else _done_ids(storage)
-    todo = [e for e in manifest.entries if e.request.id not in done]
-    skipped = len(manifest.entries) - len(todo)
-    progress = Progress(len(todo), skipped, len(manifest.rejected))
-    print(f"[jobs.generate] {len(manifest.entries)} valid rows ({skipped} already done, "
-          f"{len(manifest.rejected)} rejected) from {manifest.source} -> {storage.url}", file=sys.stderr, flush=True)
+    print(f"[jobs.generate] manifest {files.source}: {files.num_rows} rows in {len(files.units)} row group(s) "
+          f"-> {storage.url}", file=sys.stderr, flush=True)
+    collector = Collector(storage, Progress(files.num_rows))
+    started_ray = _init_ray(args.address)
+    try:
+        placements = _generate(args, files, info, limits, model_config, speca, parallel, collector)
+    except ReplicaPlacementError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if started_ray:
+            import ray
 
-    scheduler = Scheduler(args, storage, info, progress)
-    if todo:
-        started_ray = _init_ray(args.address)
-        try:
-            scheduler.run(_batches(todo, args.batch_size), model_config, speca, parallel)
-        finally:
-            if started_ray:
-                import ray
-
-                ray.shutdown()
-    failed = scheduler.failed
-    progress.update(force=True)
-    if failed:
-        table = pa.Table.from_pylist([asdict(s) for s in failed], schema=STATS_SCHEMA)
-        storage.write_parquet("errors/failed.parquet", table)
+            ray.shutdown()
+    collector.progress.update(force=True)
+    if collector.rejected:
+        storage.write_parquet("errors/manifest.parquet",
+                              pa.Table.from_pylist(sorted(collector.rejected, key=lambda r: r["row"]),
+                                                   schema=ERRORS_SCHEMA))
+    if collector.failed:
+        storage.write_parquet("errors/failed.parquet", pa.Table.from_pylist(collector.failed, schema=STATS_SCHEMA))
 
     wall = time.time() - started
-    generated = progress.done
+    generated, failed, rejected, skipped = (collector.generated, len(collector.failed), len(collector.rejected),
+                                            collector.resumed)
     record = {
-        "manifest": manifest.source, "output": storage.url, "model": info.model,
+        "manifest": files.source, "output": storage.url, "model": info.model,
         "config": {"model": asdict(model_config), "speca": speca.to_dict() if speca else None,
                    "replicas": args.replicas, "ranks_per_replica": args.ranks_per_replica,
                    "parallel": asdict(parallel),
                    "batch_size": args.batch_size, "max_attempts": args.max_attempts, "fps": args.fps,
-                   "crf": args.crf, "overwrite": args.overwrite},
+                   "crf": args.crf, "overwrite": args.overwrite, "max_tokens": limits.max_tokens,
+                   "max_steps": limits.max_steps, "batch_time_limit": args.batch_time_limit},
         "versions": _versions(),
-        "counts": {"rows_valid": len(manifest.entries), "rows_rejected": len(manifest.rejected),
-                   "resumed_done": skipped, "generated": generated, "failed": len(failed)},
-        "replicas": scheduler.placements,
+        "counts": {"rows_valid": generated + failed + skipped, "rows_rejected": rejected,
+                   "resumed_done": skipped, "generated": generated, "failed": failed},
+        "replicas": placements,
         "wall_seconds": wall, "samples_per_hour": generated / wall * 3600 if wall > 0 else 0.0,
     }
     storage.write_bytes("run.json", (json.dumps(record, indent=2) + "\n").encode())
     print(_summary(record), file=sys.stderr)
-    status = 1 if failed else (3 if manifest.rejected else 0)
+    status = 1 if failed else (3 if rejected else 0)
     if args.score and generated + skipped > 0:
         scored = score_stage.run(argparse.Namespace(**{**vars(args), "run": args.output, "prepare_env": False}))
         status = status or scored

@@ -1,34 +1,42 @@
-"""Prompt manifests: Parquet in, validated sample requests out, bad rows set aside with a reason.
+"""Prompt manifests: Parquet in, streamed through validation, bad rows set aside with a reason.
 
 Schema (one row per video):
     prompt               string, required, non-empty
-    id                   string, optional; default: a stable hash of the row's content
+    id                   string, optional (1-128 of A-Z a-z 0-9 . _ -); default: a stable hash of the content
     seed                 integer, optional (default 0)
     height, width        integers, optional (default: the model's)
     num_frames           integer 4k+1, optional
-    num_inference_steps  integer >= 1, optional
+    num_inference_steps  integer in [1, 1000], optional
     guidance_scale       number, optional (embedded guidance)
     true_cfg_scale       number, optional (> 1 turns on true CFG)
     negative_prompt      string, optional
 Any other column is carried, untouched, into the stats row's `extra_json`.
 
-A manifest is a Parquet file, a folder or a prefix of Parquet files, on any fsspec URL. Rows are
-validated up front against the model's size rules; a bad row (missing or empty prompt, wrong
-type, impossible size, an id reused for different content) becomes an error record and the rest
-of the run goes on.
+A manifest is a Parquet file, a folder or a prefix of Parquet files, on any fsspec URL. It is
+never held whole: `manifest_dataset` streams it (Ray Data `read_parquet`, file order kept) into
+one `ValidateStage` actor, which checks each row against the model's size rules and token
+budget before any compute. A bad row (missing or empty prompt, wrong type, impossible or too
+large a size, too many steps, an id that is not a valid object name) becomes a "rejected" row
+naming the field; the rest of the run goes on. Ids name one video: a row repeating an earlier
+row's id with the same content is the same sample (dropped); with other content it is rejected,
+naming the earlier row (the first row wins, since a stream cannot take back what it has let
+through). Rows already done in the output (see `pipeline.stats.done_ids`) are counted, not
+passed on.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.config import InvalidRequest, SampleRequest
+from pipeline.config import InvalidRequest, ModelLimits, SampleRequest
 from pipeline.loading import ModelInfo
+from pipeline.stats import done_ids
 from pipeline.storage import Storage
 
 KNOWN_COLUMNS = ("prompt", "id", "seed", "height", "width", "num_frames", "num_inference_steps", "guidance_scale",
@@ -38,6 +46,14 @@ _FLOAT_FIELDS = ("guidance_scale", "true_cfg_scale")
 
 ERRORS_SCHEMA = pa.schema([("row", pa.int64()), ("id", pa.string()), ("field", pa.string()),
                            ("error", pa.string()), ("row_json", pa.string())])
+
+# The rows that flow from validation through the replicas to the driver. kind: "todo" (to
+# generate), "rejected" (field, error, row_json), "resumed" (`count` rows already done); the
+# replicas turn "todo" into "ok" or "failed" (stats_json, commit, error).
+ROW_SCHEMA = pa.schema([("kind", pa.string()), ("row", pa.int64()), ("id", pa.string()), ("count", pa.int64()),
+                        ("request_json", pa.string()), ("extra_json", pa.string()), ("field", pa.string()),
+                        ("error", pa.string()), ("row_json", pa.string()), ("stats_json", pa.string()),
+                        ("commit", pa.string())])
 
 
 @dataclass
@@ -63,14 +79,27 @@ class Manifest:
     source: str
 
     def errors_table(self) -> pa.Table:
-        return pa.Table.from_pylist([
-            {"row": r.row, "id": r.id, "field": r.field, "error": r.error,
-             "row_json": json.dumps(r.values, default=str, sort_keys=True)} for r in self.rejected],
-            schema=ERRORS_SCHEMA)
+        return errors_table(self.rejected)
 
 
-def read_table(url: str, storage_options: dict | None = None) -> pa.Table:
-    """Read every Parquet file at `url` (a file, a folder or a prefix), in path order."""
+def errors_table(rejected: list[RejectedRow]) -> pa.Table:
+    return pa.Table.from_pylist([
+        {"row": r.row, "id": r.id, "field": r.field, "error": r.error,
+         "row_json": json.dumps(r.values, default=str, sort_keys=True)} for r in rejected], schema=ERRORS_SCHEMA)
+
+
+@dataclass
+class ManifestFiles:
+    """Where a manifest's Parquet files are, found from their footers alone (no rows read)."""
+
+    storage: Storage
+    units: list[dict]  # {"path", "row_group", "first_row"}: one per row group, in manifest order
+    num_rows: int
+    source: str
+
+
+def manifest_files(url: str, storage_options: dict | None = None) -> ManifestFiles:
+    """The Parquet files at `url` (a file, a folder or a prefix); every one must have a prompt column."""
     storage = Storage(url, storage_options)
     fs, path = storage.fs, storage.root
     if fs.isfile(path):
@@ -81,9 +110,16 @@ def read_table(url: str, storage_options: dict | None = None) -> pa.Table:
             files = sorted(p for p in fs.glob(path + "*") if p.endswith(".parquet") and fs.isfile(p))
     if not files:
         raise FileNotFoundError(f"no Parquet manifest at {url}")
-    # Files may differ in optional columns: unify them (missing ones become nulls).
-    tables = [pq.read_table(f, filesystem=fs) for f in files]
-    return pa.concat_tables(tables, promote_options="permissive")
+    units, rows = [], 0
+    for f in files:
+        meta = pq.ParquetFile(f, filesystem=fs).metadata
+        if "prompt" not in meta.schema.names:
+            raise InvalidRequest("prompt", None, f"the manifest file {f} has no 'prompt' column "
+                                                 f"(columns: {meta.schema.names})")
+        for g in range(meta.num_row_groups):
+            units.append({"path": f, "row_group": g, "first_row": rows})
+            rows += meta.row_group(g).num_rows
+    return ManifestFiles(storage, units, rows, url)
 
 
 def _coerce(name: str, value):
@@ -103,46 +139,156 @@ def _coerce(name: str, value):
     return value
 
 
-def parse_rows(rows: list[dict], info: ModelInfo, source: str = "<rows>") -> Manifest:
-    """Validate manifest rows against a model; see the module docstring for the rules."""
-    entries: list[ManifestEntry] = []
-    rejected: list[RejectedRow] = []
+def check_row(row: dict, i: int, info: ModelInfo, limits: ModelLimits) -> ManifestEntry | RejectedRow:
+    """Row `i` as a resolved, validated entry, or its rejection naming the field."""
+    try:
+        if "prompt" not in row or row["prompt"] is None:
+            raise InvalidRequest("prompt", None, "is required")
+        values = {k: _coerce(k, row.get(k)) for k in KNOWN_COLUMNS if k in row}
+        values = {k: v for k, v in values.items() if v is not None}
+        values.setdefault("seed", 0)
+        req = SampleRequest(**values).resolve(info.defaults)
+        req.validate(limits)
+    except InvalidRequest as e:
+        rid = row.get("id") if isinstance(row.get("id"), str) else None
+        return RejectedRow(i, rid, e.field, str(e), row)
+    return ManifestEntry(req, i, {k: v for k, v in row.items() if k not in KNOWN_COLUMNS})
+
+
+class FirstRowWins:
+    """Remembers each id's first row: a repeat is dropped, a clash rejected (module docstring)."""
+
+    def __init__(self):
+        self.first: dict[str, tuple[bytes, int]] = {}  # id -> (digest of the request, row)
+
+    def check(self, sample_id: str, request_json: str, row: int) -> str | None:
+        """None for a new id; "repeat" for the same content again; else the clash's error."""
+        digest = hashlib.blake2b(request_json.encode(), digest_size=16).digest()
+        seen = self.first.setdefault(sample_id, (digest, row))
+        if seen[1] == row:
+            return None
+        if seen[0] == digest:
+            return "repeat"
+        return f"id={sample_id!r} is invalid: row {seen[1]} already uses it for different content"
+
+
+def _request_json(req: SampleRequest) -> str:
+    return json.dumps(asdict(req), sort_keys=True)
+
+
+def parse_rows(rows: list[dict], info: ModelInfo, limits: ModelLimits | None = None,
+               source: str = "<rows>") -> Manifest:
+    """Validate a list of manifest rows, as the streaming stages do (check_row, then FirstRowWins)."""
+    ids = FirstRowWins()
+    entries, rejected = [], []
     for i, row in enumerate(rows):
-        try:
-            if "prompt" not in row or row["prompt"] is None:
-                raise InvalidRequest("prompt", None, "is required")
-            values = {k: _coerce(k, row.get(k)) for k in KNOWN_COLUMNS if k in row}
-            values = {k: v for k, v in values.items() if v is not None}
-            values.setdefault("seed", 0)
-            req = SampleRequest(**values).resolve(info.defaults)
-            req.validate(info.limits)
-        except InvalidRequest as e:
-            rid = row.get("id") if isinstance(row.get("id"), str) else None
-            rejected.append(RejectedRow(i, rid, e.field, str(e), row))
+        got = check_row(row, i, info, limits or info.limits)
+        if isinstance(got, RejectedRow):
+            rejected.append(got)
             continue
-        extra = {k: v for k, v in row.items() if k not in KNOWN_COLUMNS}
-        entries.append(ManifestEntry(req, i, extra))
-
-    # An id names one video: reused with identical content it is one sample; reused with other
-    # content, every row carrying it is rejected (we cannot know which one was meant).
-    by_id: dict[str, list[ManifestEntry]] = {}
-    for e in entries:
-        by_id.setdefault(e.request.id, []).append(e)
-    kept = []
-    for e in entries:
-        group = by_id[e.request.id]
-        if len({g.request for g in group}) > 1:
-            rejected.append(RejectedRow(e.row, e.request.id, "id", f"id={e.request.id!r} is invalid: used by rows "
-                                        f"{[g.row for g in group]} with different content", rows[e.row]))
-        elif group[0] is e:
-            kept.append(e)
-    rejected.sort(key=lambda r: r.row)
-    return Manifest(kept, rejected, source)
+        clash = ids.check(got.request.id, _request_json(got.request), i)
+        if clash is None:
+            entries.append(got)
+        elif clash != "repeat":
+            rejected.append(RejectedRow(i, got.request.id, "id", clash, row))
+    return Manifest(entries, rejected, source)
 
 
-def read_manifest(url: str, info: ModelInfo, storage_options: dict | None = None) -> Manifest:
-    table = read_table(url, storage_options)
-    if "prompt" not in table.column_names:
-        raise InvalidRequest("prompt", None, f"the manifest at {url} has no 'prompt' column "
-                                             f"(columns: {table.column_names})")
-    return parse_rows(table.to_pylist(), info, source=url)
+def _flow_row(got: ManifestEntry | RejectedRow) -> dict:
+    if isinstance(got, RejectedRow):
+        return {"kind": "rejected", "row": got.row, "id": got.id, "count": 1, "field": got.field, "error": got.error,
+                "row_json": json.dumps(got.values, default=str, sort_keys=True)}
+    return {"kind": "todo", "row": got.row, "id": got.request.id, "count": 1, "request_json": _request_json(got.request),
+            "extra_json": json.dumps(got.extra, default=str, sort_keys=True)}
+
+
+def read_and_check(units: dict, filesystem, info: ModelInfo, limits: ModelLimits, rows_per_batch: int):
+    """Ray Data stage: read row groups, check each row on its own (Ray Data fuses it into ResolveStage)."""
+    for path, group, first in zip(units["path"], units["row_group"], units["first_row"]):
+        i = int(first)
+        for batch in pq.ParquetFile(str(path), filesystem=filesystem).iter_batches(
+                batch_size=rows_per_batch, row_groups=[int(group)]):
+            out = []
+            for row in batch.to_pylist():
+                out.append(_flow_row(check_row(row, i, info, limits)))
+                i += 1
+            yield pa.Table.from_pylist(out, schema=ROW_SCHEMA)
+
+
+class ResolveStage:
+    """Ray Data stage, ONE actor, rows in manifest order: first row wins per id; done rows counted.
+
+    One actor because first-row-wins needs every id in file order; it is a dict lookup a row. (Were
+    its process to die, Ray Data would restart it with an empty memory of ids: only a repeated id
+    after that point could slip through, to be overwritten by its later row.)
+    """
+
+    def __init__(self, output: str, storage_options: dict | None, overwrite: bool, ledger=None, lead: int = 0):
+        self.ids = FirstRowWins()
+        self.done = set() if overwrite else done_ids(Storage(output, storage_options))
+        self.ledger, self.lead, self.emitted = ledger, lead, 0
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out, resumed = [], 0
+        for r in batch.to_pylist():
+            if r["kind"] == "todo":
+                clash = self.ids.check(r["id"], r["request_json"], r["row"])
+                if clash == "repeat":
+                    continue
+                if clash is not None:
+                    values = json.loads(r["request_json"])
+                    r = {"kind": "rejected", "row": r["row"], "id": r["id"], "count": 1, "field": "id",
+                         "error": clash, "row_json": json.dumps({**values, **json.loads(r["extra_json"])},
+                                                                default=str, sort_keys=True)}
+                elif r["id"] in self.done:
+                    resumed += 1
+                    continue
+            out.append(r)
+        if resumed:
+            out.append({"kind": "resumed", "row": -1, "count": resumed})
+        self._keep_lead(sum(r["kind"] == "todo" for r in out))
+        return pa.Table.from_pylist(out, schema=ROW_SCHEMA)
+
+    def _keep_lead(self, todo: int) -> None:
+        """Stay at most `lead` samples ahead of the replicas.
+
+        Ray Data's backpressure counts bytes, and these rows are small: unchecked, this stage
+        would check the whole manifest at once, taking a core from the replicas (on 2 cores, 12
+        samples were committed in the 10 s after the first commit of a 10^6-row manifest, 80 by
+        the replaced design). The lead must exceed the rows of one output
+        block (see manifest_dataset), or the rows it waits on would never leave.
+        """
+        import time
+
+        import ray
+
+        self.emitted += todo
+        while self.ledger is not None and self.emitted - ray.get(self.ledger.started.remote()) > self.lead:
+            time.sleep(0.2)
+
+
+def manifest_dataset(files: ManifestFiles, info: ModelInfo, limits: ModelLimits, output: str,
+                     storage_options: dict | None, overwrite: bool, ledger=None, lead: int = 8192,
+                     rows_per_batch: int = 1024):
+    """The manifest as a streaming Ray Data dataset of ROW_SCHEMA rows, in manifest order.
+
+    The units are the files' row groups, listed from their footers in the driver (so every row
+    knows its number). Not `read_parquet`: its listing task takes a CPU slot, which the
+    replicas' placement groups may all hold; these stages take none (num_cpus=0), being light.
+    """
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    # Rows flow on as 256 KiB blocks (some hundreds of rows, well under `lead`), not 128 MiB ones:
+    # a replica starts on the first rows of a 10^6-row row group at once.
+    ctx.target_max_block_size = 1 << 18
+    units = ray.data.from_items(files.units, override_num_blocks=max(1, min(len(files.units), 1000)))
+    checked = units.map_batches(
+        read_and_check, batch_format="numpy", batch_size=1, num_cpus=0,
+        fn_kwargs={"filesystem": files.storage.fs, "info": info, "limits": limits, "rows_per_batch": rows_per_batch})
+    return checked.map_batches(
+        ResolveStage, batch_format="pyarrow", batch_size=rows_per_batch, compute=ray.data.ActorPoolStrategy(size=1),
+        num_cpus=0,
+        fn_constructor_kwargs={"output": output, "storage_options": storage_options, "overwrite": overwrite,
+                               "ledger": ledger, "lead": lead})

@@ -40,7 +40,7 @@ import pandas as pd
 import pyarrow as pa
 
 from pipeline.quality import psnr, ssim, temporal_flickering
-from pipeline.stats import SampleStats, from_table
+from pipeline.stats import SampleStats, from_table, read_stats
 from pipeline.storage import Storage, StorageError
 from pipeline.video_io import decode_mp4
 from pipeline.writer import video_path
@@ -111,10 +111,7 @@ def _open_run(url: str, options: dict | None, what: str) -> tuple[Storage, dict,
         raise ScoreError(f"{what} {url}: not a run folder (no run.json); run `python -m jobs.generate --output {url}` "
                          "first")
     record = json.loads(storage.read_bytes("run.json"))
-    samples = []
-    for rel in storage.list("stats"):
-        if rel.endswith(".parquet"):
-            samples += [s for s in from_table(storage.read_parquet(rel)) if s.status == "ok"]
+    samples = [s for s in from_table(read_stats(storage)) if s.status == "ok"]
     if not samples:
         raise ScoreError(f"{what} {url}: no generated samples (stats/ holds no ok rows)")
     return storage, record, sorted(samples, key=lambda s: s.id)

@@ -9,9 +9,17 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, fields, replace
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+# Ids name objects (videos/<id>.mp4, stats/<id>.parquet) on every backend: S3's safe characters,
+# and short enough that <id>.parquet plus a temporary-name suffix stays under 255 bytes.
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+MAX_ID_LENGTH = 128
+# Flow-matching schedulers are trained on 1000 timesteps: more steps than that only repeat them.
+MAX_STEPS = 1000
 
 
 class InvalidRequest(ValueError):
@@ -106,6 +114,26 @@ class ModelLimits:
     temporal_stride: int  # VAE temporal compression x temporal patch size
     vae_spatial: int
     patch: int
+    max_tokens: int | None = None  # latent tokens per sample; None: no budget (see `with_token_budget`)
+    max_steps: int = MAX_STEPS
+
+    def tokens(self, height: int, width: int, num_frames: int) -> int:
+        """Latent tokens the transformer attends over for one sample of this size."""
+        return (height // self.spatial_stride) * (width // self.spatial_stride) * (
+            (num_frames - 1) // self.temporal_stride + 1)
+
+
+def with_token_budget(limits: ModelLimits, defaults: GenerationDefaults, max_tokens: int | None = None) -> ModelLimits:
+    """`limits` with a token budget: `max_tokens`, else the tokens of the model's default size.
+
+    The default size (generation_config.json) is what the model is configured for; anything
+    larger multiplies attention cost quadratically, so it has to be asked for explicitly.
+    """
+    if max_tokens is None:
+        max_tokens = limits.tokens(defaults.height, defaults.width, defaults.num_frames)
+    if not _is_int(max_tokens) or max_tokens < 1:
+        raise InvalidRequest("max_tokens", max_tokens, "must be an integer >= 1")
+    return replace(limits, max_tokens=max_tokens)
 
 
 @dataclass(frozen=True)
@@ -144,9 +172,11 @@ class SampleRequest:
             raise InvalidRequest("prompt", self.prompt, "must be a non-empty string")
         if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
             raise InvalidRequest("seed", self.seed, "must be an integer in [0, 2**63)")
-        if self.id is not None and (not isinstance(self.id, str) or not self.id or "/" in self.id
-                                    or self.id.startswith(".")):
-            raise InvalidRequest("id", self.id, "must be a non-empty string without '/' that does not start with '.'")
+        if self.id is not None and (not isinstance(self.id, str) or len(self.id) > MAX_ID_LENGTH
+                                    or not ID_PATTERN.fullmatch(self.id)):
+            raise InvalidRequest("id", self.id, f"must be 1 to {MAX_ID_LENGTH} characters from A-Z a-z 0-9 . _ - "
+                                                "(so without '/'), starting with a letter or digit: it names the "
+                                                "video's object")
         s = limits.spatial_stride
         for name in ("height", "width"):
             v = getattr(self, name)
@@ -159,8 +189,15 @@ class SampleRequest:
         if not _is_int(n) or n < 1 or (n - 1) % t:
             base = ((n - 1) // t) * t + 1 if _is_int(n) and n > 1 else 1
             raise InvalidRequest("num_frames", n, f"must be {t}k+1 frames (the VAE compresses time {t}x), e.g. {base} or {base + t}")
-        if not _is_int(self.num_inference_steps) or self.num_inference_steps < 1:
-            raise InvalidRequest("num_inference_steps", self.num_inference_steps, "must be an integer >= 1")
+        if not _is_int(self.num_inference_steps) or not 1 <= self.num_inference_steps <= limits.max_steps:
+            raise InvalidRequest("num_inference_steps", self.num_inference_steps,
+                                 f"must be an integer >= 1 and <= {limits.max_steps}")
+        if limits.max_tokens is not None:
+            tokens = limits.tokens(self.height, self.width, self.num_frames)
+            if tokens > limits.max_tokens:
+                raise InvalidRequest("height/width/num_frames", (self.height, self.width, self.num_frames),
+                                     f"{tokens} latent tokens per sample exceed this model's budget of "
+                                     f"{limits.max_tokens} (its default size; raise it with --max-tokens)")
         for name in ("guidance_scale", "true_cfg_scale"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:

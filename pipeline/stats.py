@@ -23,14 +23,22 @@ Schema (`STATS_SCHEMA`):
     video                            URL of the MP4
     model, config_json               model id and the full generation config, as JSON
     extra_json                       manifest columns we do not interpret, as JSON
+
+On storage (see pipeline/writer.py): stats/<id>.parquet per sample; the same rows once more per
+batch in commits/<batch>.parquet (written last: the batch's commit record), and compacted by the
+job's driver into index/<run>-<n>.parquet. `read_stats` reads them all as one table with
+O(batches) reads instead of one read per sample; it is the one reader of a run's stats (the job's
+resume, the score stage, the benches).
 """
 
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 STATS_SCHEMA = pa.schema([
     ("id", pa.string()), ("prompt", pa.string()), ("seed", pa.int64()),
@@ -105,3 +113,61 @@ def to_table(records: list[SampleStats]) -> pa.Table:
 
 def from_table(table: pa.Table) -> list[SampleStats]:
     return [SampleStats.from_row(r) for r in table.to_pylist()]
+
+
+STATS_DIR, COMMITS_DIR, INDEX_DIR = "stats", "commits", "index"
+# A commit record's or index part's rows: the stats rows plus when their batch was committed.
+COMMIT_SCHEMA = STATS_SCHEMA.append(pa.field("committed_at", pa.float64()))
+
+
+def _stems(storage, folder: str, suffix: str) -> set[str]:
+    return {p[len(folder) + 1:-len(suffix)] for p in storage.list(folder) if p.endswith(suffix) and "/" not in
+            p[len(folder) + 1:]}
+
+
+def _read_all(storage, relpaths: list[str], columns: list[str] | None) -> list[pa.Table]:
+    import io
+
+    def one(rel: str) -> pa.Table:
+        return pq.read_table(io.BytesIO(storage.read_bytes(rel)), columns=columns)
+
+    with ThreadPoolExecutor(16) as pool:  # object stores: latency-bound, so in parallel
+        return list(pool.map(one, relpaths))
+
+
+def read_stats(storage, columns: list[str] | None = None) -> pa.Table:
+    """Every committed stats row of a run as one table: the latest row per id with a stats file.
+
+    Reads index/ and commits/ (one object per batch at most) and, individually, only stats
+    files that no record covers (outputs of jobs older than commit records, or a batch that
+    crashed before its record). Columns: COMMIT_SCHEMA (committed_at is null for those loose
+    files), or "id", `columns` and "committed_at" only, which is all that is parsed.
+    """
+    names = COMMIT_SCHEMA.names if columns is None else list(dict.fromkeys(["id", *columns, "committed_at"]))
+    schema = pa.schema([COMMIT_SCHEMA.field(c) for c in names])
+    have = _stems(storage, STATS_DIR, ".parquet")
+    records = [p for d in (INDEX_DIR, COMMITS_DIR) for p in storage.list(d) if p.endswith(".parquet")]
+    tables = [t for t in _read_all(storage, records, names) if t.num_rows]
+    latest: dict[str, tuple[float, int, int]] = {}  # id -> (committed_at, table, row)
+    for ti, t in enumerate(tables):
+        for ri, (sid, at) in enumerate(zip(t.column("id").to_pylist(), t.column("committed_at").to_pylist())):
+            if sid in have and (sid not in latest or at >= latest[sid][0]):
+                latest[sid] = (at, ti, ri)
+    rows: list[list[int]] = [[] for _ in tables]
+    for _, ti, ri in latest.values():
+        rows[ti].append(ri)
+    parts = [t.take(r).select(names).cast(schema) for t, r in zip(tables, rows) if r]
+    loose = _read_all(storage, [f"{STATS_DIR}/{i}.parquet" for i in sorted(have - latest.keys())], names[:-1])
+    parts += [t.append_column("committed_at", pa.nulls(t.num_rows, pa.float64())).select(names).cast(schema)
+              for t in loose]
+    if not parts:
+        return schema.empty_table()
+    return pa.concat_tables(parts).sort_by("id").combine_chunks()
+
+
+def done_ids(storage) -> set[str]:
+    """Ids committed with status ok whose video and stats are both on storage (a rerun skips them)."""
+    table = read_stats(storage, ["status"])
+    videos = _stems(storage, "videos", ".mp4")
+    return {i for i, s in zip(table.column("id").to_pylist(), table.column("status").to_pylist())
+            if s == "ok" and i in videos}

@@ -15,14 +15,17 @@ Guarantees:
   their "rename" is a non-atomic copy + delete.
 * Transient errors (connection resets, timeouts, other ``OSError``) are retried with
   exponential backoff by :func:`retry`; a final failure raises :class:`StorageError`
-  naming the URL. Missing objects and permission errors are not retried and keep their
-  type (``FileNotFoundError``, ``PermissionError``).
+  naming the URL. Errors that cannot heal are not retried and keep their type: missing
+  objects and permission errors (``FileNotFoundError``, ``PermissionError``), and OSErrors
+  whose errno or S3 error code says the request itself is wrong (name too long, read-only
+  filesystem, access denied, invalid key).
 * S3 connections use short timeouts, so an unreachable endpoint fails in seconds.
 """
 
 from __future__ import annotations
 
 import copy
+import errno
 import io
 import logging
 import os
@@ -93,9 +96,29 @@ _PERMANENT = (
 )
 
 
+# OSErrors that say the request is wrong, not that the system hiccuped.
+_PERMANENT_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.EROFS, errno.EINVAL,
+                               errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENOENT})
+# S3 error codes s3fs passes on as plain OSErrors.
+_PERMANENT_S3_CODES = frozenset({"KeyTooLongError", "AccessDenied", "InvalidBucketName", "NoSuchBucket",
+                                 "InvalidArgument", "InvalidObjectName", "AllAccessDisabled"})
+
+
+def _s3_code(exc: BaseException) -> str | None:
+    for e in (exc, exc.__cause__, exc.__context__):
+        response = getattr(e, "response", None)
+        if isinstance(response, dict) and response.get("Error", {}).get("Code"):
+            return response["Error"]["Code"]
+    return None
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether ``exc`` is worth retrying (network/IO hiccup) rather than a real answer."""
-    return isinstance(exc, _TRANSIENT) and not isinstance(exc, _PERMANENT)
+    if not isinstance(exc, _TRANSIENT) or isinstance(exc, _PERMANENT):
+        return False
+    if isinstance(exc, OSError) and exc.errno in _PERMANENT_ERRNOS:
+        return False
+    return _s3_code(exc) not in _PERMANENT_S3_CODES
 
 
 def retry(
@@ -264,6 +287,25 @@ class Storage:
         if not missing_ok and not self.exists(relpath):  # S3 deletes of missing keys succeed
             raise FileNotFoundError(f"cannot delete {url}: no such object")
         retry(_delete, what=f"deleting {url}")
+
+    def delete_many(self, relpaths: list[str]) -> None:
+        """Delete objects that may or may not exist, in batched requests where the backend has them."""
+        if not relpaths:
+            return
+        paths = [self._path(r) for r in relpaths]
+
+        def _delete() -> None:
+            if self._direct_put:
+                self.fs.rm(paths)  # s3fs: DeleteObjects, 1000 keys per request
+            else:
+                for p in paths:
+                    try:
+                        self.fs.rm_file(p)
+                    except FileNotFoundError:
+                        pass
+            self._invalidate(self.root)
+
+        retry(_delete, what=f"deleting {len(paths)} object(s) under {self.url}")
 
     def _write_atomic(self, path: str, data: bytes) -> None:
         if self._direct_put:

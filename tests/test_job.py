@@ -14,9 +14,10 @@ import pytest
 
 from jobs.generate import NAMESPACE, main
 from pipeline.parallel import free_port
-from pipeline.stats import from_table
+from pipeline.stats import COMMIT_SCHEMA, SampleStats, done_ids, from_table, read_stats, to_table
 from pipeline.storage import Storage
 from pipeline.video_io import decode_mp4
+from pipeline.writer import commit_path, stats_path, video_path, write_commit, write_index
 
 P = ["a red circle moving left on a blue background", "a green square moving up on a black background",
      "a white triangle standing still on a red background", "a yellow circle moving down on a green background"]
@@ -63,12 +64,16 @@ def test_ray_job_submit_with_manifest_and_outputs_on_s3(ray_head, s3_bucket, s3_
     runtime_env = {"env_vars": {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                                                           "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION")}}
     runtime_env["env_vars"]["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.run(
-        ["ray", "job", "submit", "--address", dashboard, "--runtime-env-json", json.dumps(runtime_env), "--",
-         sys.executable, "-m", "jobs.generate", "--manifest", manifest, "--output", out_url,
-         "--storage-options", json.dumps({"endpoint_url": s3_endpoint}), *FAST],
-        env=env, capture_output=True, text=True, timeout=600)
-    log = proc.stdout + proc.stderr
+    for _ in range(10):  # a just-started head can answer before its job agent is up
+        proc = subprocess.run(
+            ["ray", "job", "submit", "--address", dashboard, "--runtime-env-json", json.dumps(runtime_env), "--",
+             sys.executable, "-m", "jobs.generate", "--manifest", manifest, "--output", out_url,
+             "--storage-options", json.dumps({"endpoint_url": s3_endpoint}), *FAST],
+            env=env, capture_output=True, text=True, timeout=600)
+        log = proc.stdout + proc.stderr
+        if "No available agent to submit job" not in log:
+            break
+        time.sleep(3)
     assert "rejected rows (errors/manifest.parquet)  2" in log, log[-3000:]
     out = Storage(out_url, storage_options={"endpoint_url": s3_endpoint})
     stats, videos = _outputs(out)
@@ -96,8 +101,8 @@ def test_killed_replica_is_restarted_and_nothing_is_lost_or_duplicated(local_ray
         deadline = time.time() + 300
         while time.time() < deadline:
             if (out / "stats").exists() and len(list((out / "stats").iterdir())) >= 2:
-                actor = ray.get_actor(f"replica-{os.getpid()}-0", namespace=NAMESPACE)
-                killed["pid"] = ray.get(actor.info.remote())["pid"]
+                ledger = ray.get_actor(f"ledger-{os.getpid()}", namespace=NAMESPACE)
+                killed["pid"] = ray.get(ledger.placements.remote())[0]["pid"]
                 os.kill(killed["pid"], signal.SIGKILL)
                 return
             time.sleep(0.2)
@@ -153,3 +158,93 @@ def test_k2_sequence_parallel_replica_matches_k1(local_ray, tmp_path):
         fb = decode_mp4(b.read_bytes(f"videos/{i}.mp4")).frames.astype(int)
         assert np.abs(fa - fb).max() <= 2  # latents agree to 1e-5 (tests/test_parallel.py)
     assert json.loads((tmp_path / "k2" / "run.json").read_text())["replicas"][0]["ranks"] == 2
+
+
+def test_hostile_rows_are_rejected_up_front_and_the_rest_finishes(local_ray, tmp_path):
+    hostile = [{"prompt": P[0], "id": "x" * 300}, {"prompt": P[1], "id": "clip\x00.mp4"},
+               {"prompt": P[2], "height": 1024, "width": 1024, "num_frames": 257},
+               {"prompt": P[3], "num_inference_steps": 10**6}]
+    out = tmp_path / "out"
+    manifest = _manifest(Storage(str(tmp_path / "in")), _rows(2) + hostile)
+    started = time.monotonic()
+    assert main(["--manifest", manifest, "--output", str(out), *FAST]) == 3
+    took = time.monotonic() - started
+    errors = Storage(str(out)).read_parquet("errors/manifest.parquet").to_pylist()
+    assert [(e["row"], e["field"]) for e in errors] == [
+        (2, "id"), (3, "id"), (4, "height/width/num_frames"), (5, "num_inference_steps")]
+    assert "\x00" in json.loads(errors[1]["row_json"])["id"]  # the row as it was, for the user to fix
+    stats, videos = _outputs(Storage(str(out)))
+    assert sorted(s.seed for s in stats) == [0, 1] and all(s.status == "ok" for s in stats) and len(videos) == 2
+    run = json.loads((out / "run.json").read_text())
+    assert run["counts"] == {"rows_valid": 2, "rows_rejected": 4, "resumed_done": 0, "generated": 2, "failed": 0}
+    assert run["config"]["max_tokens"] == 320 and run["config"]["max_steps"] == 1000
+    assert took < 300  # nothing ran the hostile rows (one of them alone used to take over 10 minutes)
+
+
+def test_batch_over_the_time_limit_restarts_the_replica_then_is_recorded_failed(local_ray, tmp_path, capfd):
+    out = tmp_path / "out"
+    manifest = _manifest(Storage(str(tmp_path / "in")), _rows(1, steps=300))  # seconds on this model
+    code = main(["--manifest", manifest, "--output", str(out), "--speca", "off", "--batch-time-limit", "0.5",
+                 "--max-attempts", "2"])
+    err = capfd.readouterr().err
+    assert code == 1
+    assert err.count("replica 0 exceeded the batch time limit of 0.5 s") == 2 and "replica 0 died" in err
+    [failed] = Storage(str(out)).read_parquet("errors/failed.parquet").to_pylist()
+    assert failed["status"] == "failed" and failed["num_inference_steps"] == 300
+    assert failed["error"] == "failed 2 attempt(s); last: exceeded the batch time limit of 0.5 s"
+    stats, videos = _outputs(Storage(str(out)))
+    assert [s.status for s in stats] == ["failed"] and videos == []
+    assert json.loads((out / "run.json").read_text())["counts"]["failed"] == 1
+
+
+def _commit_batches(storage: Storage, batches: list[list[SampleStats]]) -> None:
+    """What a replica writes per batch (videos, stats files, then the commit record), minus the model."""
+    for i, batch in enumerate(batches):
+        for s in batch:
+            storage.write_bytes(video_path(s.id), b"mp4")
+            storage.write_parquet(stats_path(s.id), to_table([s]))
+        write_commit(storage, f"batch-{i}", batch)
+
+
+def _stats(i: int, status: str = "ok") -> SampleStats:
+    return SampleStats(id=f"s{i:03d}", prompt=P[i % 4], seed=i, height=32, width=32, num_frames=17,
+                       num_inference_steps=3, guidance_scale=1.0, true_cfg_scale=1.0, status=status)
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_stats_reader_reads_one_object_per_batch(kind, tmp_path, request, monkeypatch):
+    if kind == "s3":
+        storage = Storage(f"{request.getfixturevalue('s3_bucket')}/run",
+                          {"endpoint_url": request.getfixturevalue("s3_endpoint")})
+    else:
+        storage = Storage(str(tmp_path / "run"))
+    batches = [[_stats(4 * b + j) for j in range(4)] for b in range(5)]  # 20 samples, 5 batches
+    _commit_batches(storage, batches)
+    # The driver compacts the first three records into an index part, a later run fails s001 again,
+    # a sample from before commit records has only its stats file, s002's video and s003's stats are gone.
+    rows = [r for b in range(3) for r in commit_table_rows(storage, f"batch-{b}")]
+    write_index(storage, "run-a", 0, rows, [commit_path(f"batch-{b}") for b in range(3)])
+    _commit_batches(storage, [[_stats(1, "failed")]])  # batch-0 again: a newer record for s001
+    legacy = _stats(99)
+    storage.write_bytes(video_path(legacy.id), b"mp4")
+    storage.write_parquet(stats_path(legacy.id), to_table([legacy]))
+    storage.delete(video_path("s002"))
+    storage.delete(stats_path("s003"))
+
+    reads: list[str] = []
+    real = storage.read_bytes
+    monkeypatch.setattr(storage, "read_bytes", lambda rel: reads.append(rel) or real(rel))
+    table = read_stats(storage)
+    by_id = {r["id"]: r for r in table.to_pylist()}
+    assert sorted(by_id) == sorted({f"s{i:03d}" for i in range(20)} - {"s003"} | {"s099"})
+    assert by_id["s001"]["status"] == "failed" and by_id["s000"]["status"] == "ok"
+    assert table.schema == COMMIT_SCHEMA and by_id["s099"]["committed_at"] is None
+    # index part + 3 records (batch-0 rewritten, batch-3, batch-4) + the one uncovered stats file
+    assert sorted(reads) == sorted(["index/run-a-000000.parquet", "commits/batch-0.parquet",
+                                    "commits/batch-3.parquet", "commits/batch-4.parquet", "stats/s099.parquet"])
+    done = done_ids(storage)
+    assert done == set(by_id) - {"s001", "s002"}
+
+
+def commit_table_rows(storage: Storage, batch: str) -> list[dict]:
+    return storage.read_parquet(commit_path(batch)).to_pylist()

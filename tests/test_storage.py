@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import socket
 import time
 import uuid
@@ -351,3 +352,60 @@ def test_is_transient_classification() -> None:
     assert not is_transient(FileNotFoundError())
     assert not is_transient(RuntimeError())
     assert not is_transient(StorageError("x"))
+
+
+# --- errors that cannot heal ----------------------------------------------------------
+
+
+def test_name_too_long_fails_at_once_not_after_retries(tmp_path, monkeypatch) -> None:
+    store = Storage(str(tmp_path / "out"))
+    real_put = store._put
+    puts: list[str] = []
+
+    def counting(path: str, data: bytes) -> None:
+        puts.append(path)
+        real_put(path, data)
+
+    monkeypatch.setattr(store, "_put", counting)
+    with pytest.raises(OSError) as info:
+        store.write_bytes("videos/" + "x" * 300 + ".mp4", b"data")
+    assert info.value.errno == errno.ENAMETOOLONG and not isinstance(info.value, StorageError)
+    assert len(puts) == 1  # one try: no backoff, no StorageError("... after 4 attempts")
+    assert store.list() == []
+
+
+def _s3_error(code: str) -> OSError:
+    """What s3fs raises for an S3 error code it has no Python exception for: an OSError from a ClientError."""
+    cause = botocore.exceptions.ClientError({"Error": {"Code": code, "Message": code}}, "PutObject")
+    exc = OSError(f"An error occurred ({code}) when calling the PutObject operation")
+    exc.__cause__ = cause
+    return exc
+
+
+@pytest.mark.parametrize("exc", [
+    OSError(errno.ENAMETOOLONG, "File name too long"),
+    OSError(errno.EACCES, "Permission denied"),
+    OSError(errno.EROFS, "Read-only file system"),
+    _s3_error("KeyTooLongError"),
+    _s3_error("AccessDenied"),
+], ids=["ENAMETOOLONG", "EACCES", "EROFS", "s3-KeyTooLong", "s3-AccessDenied"])
+def test_errors_that_cannot_heal_are_not_transient(exc: BaseException) -> None:
+    assert not is_transient(exc)
+    fn, calls = _counting([exc])
+    with pytest.raises(OSError):
+        retry(fn, attempts=4, base_delay=0.0, sleep=lambda s: pytest.fail("slept"))
+    assert calls["n"] == 1
+
+
+def test_errors_that_may_heal_stay_transient() -> None:
+    assert is_transient(OSError(errno.ECONNRESET, "Connection reset by peer"))
+    assert is_transient(OSError(errno.EIO, "I/O error"))
+    assert is_transient(_s3_error("SlowDown")) and is_transient(_s3_error("InternalError"))
+
+
+def test_delete_many(store: Storage) -> None:
+    for name in ("a", "b", "c"):
+        store.write_bytes(f"commits/{name}.parquet", b"x")
+    store.delete_many(["commits/a.parquet", "commits/c.parquet", "commits/missing.parquet"])
+    assert store.list() == ["commits/b.parquet"]
+    store.delete_many([])
