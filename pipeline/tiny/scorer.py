@@ -103,11 +103,11 @@ def score(frames: np.ndarray, prompt: str) -> dict[str, bool]:
     return {a: getattr(got, a) == want[a] for a in ATTRIBUTES}
 
 
-def accuracy(results: list[dict[str, bool]]) -> dict[str, float]:
+def accuracy(results: list[dict[str, bool]], attributes: tuple[str, ...] = ATTRIBUTES) -> dict[str, float]:
     """Per-attribute accuracy plus `all` (every attribute right) over many clips."""
     if not results:
         raise ValueError("accuracy() needs at least one scored clip")
-    out = {a: float(np.mean([r[a] for r in results])) for a in ATTRIBUTES}
+    out = {a: float(np.mean([r[a] for r in results])) for a in attributes}
     out["all"] = float(np.mean([all(r.values()) for r in results]))
     return out
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from . import scorer as v1_scorer
 from .world import COLORS, SHAPES, _shape_mask
 from .world_v2 import SPEEDS, parse_prompt
 
@@ -140,8 +141,4 @@ def score(frames: np.ndarray, prompt: str) -> dict[str, bool]:
 
 def accuracy(results: list[dict[str, bool]]) -> dict[str, float]:
     """Per-attribute accuracy plus `all` (every attribute right) over many clips."""
-    if not results:
-        raise ValueError("accuracy() needs at least one scored clip")
-    out = {a: float(np.mean([r[a] for r in results])) for a in ATTRIBUTES}
-    out["all"] = float(np.mean([all(r.values()) for r in results]))
-    return out
+    return v1_scorer.accuracy(results, ATTRIBUTES)
