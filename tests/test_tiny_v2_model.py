@@ -50,23 +50,32 @@ def test_v2_has_hunyuanvideos_proportions():
     assert len(pipe.tokenizer(longest).input_ids) <= RECIPES["v2"].max_sequence_length
 
 
-def test_v2_smoke_training_fine_tunes_a_vae_and_generates(tmp_path):
+def test_v2_smoke_training_in_two_runs_fine_tunes_a_vae_then_trains_a_transformer(tmp_path):
+    """The split a long run takes across sessions: --vae-only, then --init-from that folder --new-transformer."""
     from pipeline.config import ModelConfig, SampleRequest
     from pipeline.generate import Generator
     from pipeline.loading import load_pipeline
     from pipeline.tiny import train
 
-    out = tmp_path / "model"
-    train.main(["--smoke", "--recipe", "v2", "--vae-from", str(BUNDLED_MODEL_DIR), "--workdir", str(tmp_path / "w"),
-                "--output", str(out)])
-    written = json.loads((out / "generation_config.json").read_text())
-    assert written["max_sequence_length"] == 32 and written["world"] == "v2"
-    assert "world v2" in (out / "README.md").read_text()
-    tuned, source = (AutoencoderKLHunyuanVideo.from_pretrained(d / "vae") for d in (out, BUNDLED_MODEL_DIR))
+    stage, out = tmp_path / "vae-stage", tmp_path / "model"
+    train.main(["--smoke", "--recipe", "v2", "--vae-from", str(BUNDLED_MODEL_DIR), "--vae-only",
+                "--workdir", str(tmp_path / "w1"), "--output", str(stage)])
+    assert (stage / "vae").is_dir() and not (stage / "transformer").exists()
+    assert "no transformer yet" in (stage / "README.md").read_text()
+    tuned, source = (AutoencoderKLHunyuanVideo.from_pretrained(d / "vae") for d in (stage, BUNDLED_MODEL_DIR))
     fresh = build_pipeline(0, RECIPES["v2"]).vae
     dist = {name: sum(float((a - b).abs().sum()) for a, b in zip(tuned.state_dict().values(), m.state_dict().values()))
             for name, m in (("source", source), ("fresh", fresh))}
     assert 0 < dist["source"] < dist["fresh"] / 10, dist  # a few steps away from the trained VAE, not the init
+
+    train.main(["--smoke", "--recipe", "v2", "--init-from", str(stage), "--new-transformer",
+                "--workdir", str(tmp_path / "w2"), "--output", str(out)])
+    written = json.loads((out / "generation_config.json").read_text())
+    assert written["max_sequence_length"] == 32 and written["world"] == "v2"
+    assert "world v2" in (out / "README.md").read_text()
+    kept = AutoencoderKLHunyuanVideo.from_pretrained(out / "vae")
+    assert kept.config.scaling_factor == tuned.config.scaling_factor
+    assert all(torch.equal(a, b) for a, b in zip(kept.state_dict().values(), tuned.state_dict().values()))
     gen = Generator(load_pipeline(ModelConfig(model=str(out), device="cpu")))
     [sample] = gen.generate([SampleRequest(prompt=PROMPT, num_inference_steps=2)])
     assert sample.frames.shape == (17, 32, 32, 3)

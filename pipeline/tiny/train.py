@@ -295,7 +295,7 @@ template, VAE framewise decoding off).
 VAE_ONLY_CARD = """# tiny-hunyuanvideo {recipe}: VAE stage only (work in progress)
 
 The VAE and its latent scaling factor are trained (reconstruction {psnr:.1f} dB PSNR on 32 held-out
-clips); the transformer is still its seeded random init. Continue with
+clips); there is no transformer yet. Continue with
 `python -m pipeline.tiny.train --recipe {recipe} --init-from <this folder> --new-transformer`.
 
 ```json
@@ -354,10 +354,11 @@ def main(argv: list[str] | None = None) -> None:
         # Keep a trained model's VAE, text encoders and scaling; continue its transformer or start a new one.
         from diffusers import HunyuanVideoPipeline, HunyuanVideoTransformer3DModel
 
-        pipe = HunyuanVideoPipeline.from_pretrained(args.init_from).to(args.device)
-        if args.new_transformer:
+        fresh = {}
+        if args.new_transformer:  # handed in, so a folder saved by --vae-only (no transformer) loads too
             torch.manual_seed(cfg.seed)
-            pipe.register_modules(transformer=HunyuanVideoTransformer3DModel(**recipe.transformer).to(args.device))
+            fresh["transformer"] = HunyuanVideoTransformer3DModel(**recipe.transformer)
+        pipe = HunyuanVideoPipeline.from_pretrained(args.init_from, **fresh).to(args.device)
         for m in (pipe.vae, pipe.transformer, pipe.text_encoder, pipe.text_encoder_2):
             m.eval().requires_grad_(False)
         torch.save(pipe.vae.state_dict(), workdir / "vae.pt")
@@ -390,6 +391,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"VAE reconstruction {vae_psnr:.2f} dB; latent scaling factor {pipe.vae.config.scaling_factor:.4f}")
     if args.vae_only:
         if args.output:
+            pipe.register_modules(transformer=None)  # untrained: not worth its megabytes
             save(pipe, args.output, recipe=recipe, card=VAE_ONLY_CARD.format(recipe=recipe.name, psnr=vae_psnr,
                                                                              config=json.dumps(asdict(cfg), indent=2)))
             print(f"saved the VAE stage to {args.output}")
