@@ -81,7 +81,8 @@ def _bytes(v: float) -> str:
 
 _KINDS: dict[str, Callable[[float], str]] = {
     "x": lambda v: f"{v:.2f}x", "pct": lambda v: f"{100 * v:.1f}%", "ssim": lambda v: f"{v:.4f}",
-    "f4": lambda v: f"{v:.4f}", "int": lambda v: f"{int(v):,}", "rate": lambda v: f"{v:,.1f} per hour",
+    "f1": lambda v: f"{v:.1f}", "f4": lambda v: f"{v:.4f}", "int": lambda v: f"{int(v):,}",
+    "rate": lambda v: f"{v:,.1f} per hour",
     "s": _seconds, "bytes": _bytes,
 }
 
@@ -289,9 +290,8 @@ def _device_word(device: str) -> str:
 def run_rows(summary: dict) -> list[tuple[str, str]]:
     run = summary["run"]
     word = _device_word(str(run.get("device", "")))
-    rows = [(label.replace("device seconds", f"{word} seconds"),
-             fmt(run[key], kind) if kind != "f1" else f"{run[key]:.1f}") for key, label, kind in RUN_FIELDS
-            if key in run and not (kind == "f1" and _missing(run[key]))]
+    rows = [(label.replace("device seconds", f"{word} seconds"), fmt(run[key], kind)) for key, label, kind in RUN_FIELDS
+            if key in run]
     return rows + [(k, fmt(v)) for k, v in run.items() if k not in {f[0] for f in RUN_FIELDS}]
 
 

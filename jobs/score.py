@@ -246,7 +246,8 @@ def score_run(args) -> dict:
         written = write_report(scores, summary, report_dir, inputs)
         for name in written:
             storage.write_bytes(f"report/{name}", (report_dir / name).read_bytes())
-    storage.write_bytes("report/scores.json", (json.dumps(_jsonable(summary), indent=2, allow_nan=False) + "\n").encode())
+    scores_json = json.dumps(_jsonable(summary), indent=2, allow_nan=False) + "\n"
+    storage.write_bytes("report/scores.json", scores_json.encode())
     storage.write_parquet("report/scores.parquet", pa.Table.from_pandas(scores, preserve_index=False))
     return summary
 

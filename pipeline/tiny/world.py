@@ -107,19 +107,19 @@ def sample_spec(seed: int, *, shape=None, color=None, background=None, motion=No
     speed = rng.uniform(0.6, 0.85) * min(height, width) / 32 * 16 / max(num_frames - 1, 1)
     dx, dy = _DIRECTIONS[m]
     travel = speed * (num_frames - 1)
-    margin = radius + 0.5
-
-    def start_range(extent: float, direction: float) -> tuple[float, float]:
-        lo, hi = margin, extent - margin
-        if direction > 0:
-            hi -= travel
-        elif direction < 0:
-            lo += travel
-        return lo, max(lo, hi)
-
-    x0 = rng.uniform(*start_range(width, dx))
-    y0 = rng.uniform(*start_range(height, dy))
+    x0 = rng.uniform(*start_range(width, dx, radius, travel))
+    y0 = rng.uniform(*start_range(height, dy, radius, travel))
     return ClipSpec(s, c, b, m, radius, speed, (x0, y0))
+
+
+def start_range(extent: float, direction: float, radius: float, travel: float) -> tuple[float, float]:
+    """Where a shape may start along one axis so that it stays in the frame while it travels."""
+    lo, hi = radius + 0.5, extent - radius - 0.5
+    if direction > 0:
+        hi -= travel
+    elif direction < 0:
+        lo += travel
+    return lo, max(lo, hi)
 
 
 def _shape_mask(shape: str, cx: float, cy: float, r: float, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .world import _DIRECTIONS, COLORS, EVAL_SEED_BASE, HELD_OUT_PAIRS, SHAPES, _shape_mask
+from .world import _DIRECTIONS, COLORS, EVAL_SEED_BASE, HELD_OUT_PAIRS, SHAPES, _shape_mask, start_range
 
 HEIGHT = 32
 WIDTH = 32
@@ -119,7 +119,8 @@ def parse_prompt(prompt: str) -> tuple[list[ObjectWant], str]:
     """Inverse of `SceneSpec.prompt`: the objects asked for and the background; ValueError outside the grammar."""
     text = " ".join(prompt.strip().lower().split())
     m = _PROMPT_RE.match(text)
-    objects = [ObjectWant(c, s, d or "still", p or None) for c, s, p, d in _OBJECT_RE.findall(m["objects"])] if m else []
+    found = _OBJECT_RE.findall(m["objects"]) if m else []
+    objects = [ObjectWant(c, s, d or "still", p or None) for c, s, p, d in found]
     bad = (not m or m["background"] not in COLORS or len(objects) > MAX_OBJECTS
            or any(o.color not in COLORS or o.shape not in SHAPES for o in objects)
            or len({o.color for o in objects} | {m["background"]}) != len(objects) + 1)
@@ -190,18 +191,10 @@ def _draw_object(rng: random.Random, shape: str, color: str, want: dict, radius_
     speed = 0.0 if pace is None else rng.uniform(*SPEEDS[pace]) * scale * time_scale
     radius = rng.uniform(*radius_range) * scale
     dx, dy = _DIRECTIONS[motion]
-    travel, margin = speed * (num_frames - 1), radius + 0.5
-
-    def start(extent: float, direction: float) -> float:
-        lo, hi = margin, extent - margin
-        if direction > 0:
-            hi -= travel
-        elif direction < 0:
-            lo += travel
-        return rng.uniform(lo, max(lo, hi))
-
-    return ObjectSpec(shape, color, motion, pace, radius, speed, (start(width, dx), start(height, dy)),
-                      _texture(rng, plain_share=0.3))
+    travel = speed * (num_frames - 1)
+    start = (rng.uniform(*start_range(width, dx, radius, travel)),
+             rng.uniform(*start_range(height, dy, radius, travel)))
+    return ObjectSpec(shape, color, motion, pace, radius, speed, start, _texture(rng, plain_share=0.3))
 
 
 def _overlap_share(below: ObjectSpec, above: ObjectSpec, num_frames: int) -> float:
