@@ -1,0 +1,200 @@
+"""bench.cache_dit_peer on the bundled model: FLOPs counting, no state across generations, exact disable.
+
+Needs the `bench` extra (`pip install -e .[bench]`, cache-dit 1.5.3). The CI test command installs only
+`.[test]`, so there this module is skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import types
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "warning")  # before cache_dit is first imported
+cache_dit = pytest.importorskip("cache_dit")
+
+from bench import caching  # noqa: E402
+from bench.cache_dit_peer import BLOCK_LISTS, CacheDitSetting, cache_bytes, cached_calls, disable  # noqa: E402
+from pipeline.generate import Generator  # noqa: E402
+from pipeline.tiny import world  # noqa: E402
+
+STEPS = 10
+CACHING = CacheDitSetting("cache-dit DBCache F1B0 t=0.2", "cachedit-test", Fn=1, Bn=0, threshold=0.2, warmup=2)
+
+
+@pytest.fixture(scope="module")
+def requests():
+    return caching.calibration_requests(2, STEPS, {s.prompt for s in world.eval_specs(8)})
+
+
+@pytest.fixture
+def pipe(tiny_model):
+    """The bundled pipeline; cache-dit is disabled afterwards if a test left it on."""
+    yield tiny_model.pipe
+    if getattr(tiny_model.pipe.transformer, "_context_manager", None) is not None:
+        disable(tiny_model.pipe)
+
+
+def generate(model, requests, batch_size: int = 8) -> list:
+    gen = Generator(model)
+    try:
+        return gen.generate(requests, batch_size=batch_size)
+    finally:
+        gen.close()
+
+
+def frames(samples) -> list[np.ndarray]:
+    return [s.frames for s in samples]
+
+
+def block_calls(transformer):
+    """Calls of every block of each list, counted with our own forward pre-hooks."""
+    counts = dict.fromkeys(BLOCK_LISTS, 0)
+    handles = []
+    for name in BLOCK_LISTS:
+        for block in getattr(transformer, name):
+            def hook(module, args, name=name):
+                counts[name] += 1
+            handles.append(block.register_forward_pre_hook(hook))
+    return counts, handles
+
+
+def counted(model, requests):
+    """One generation: FLOPs of all blocks and of each block list (count_block_flops on that list alone),
+    and the block calls our own hooks saw."""
+    transformer = model.pipe.transformer
+    counts, handles = block_calls(transformer)
+    try:
+        with contextlib.ExitStack() as stack:
+            total = stack.enter_context(caching.count_block_flops(transformer))
+            per_list = {name: stack.enter_context(caching.count_block_flops(types.SimpleNamespace(
+                transformer_blocks=getattr(transformer, name), single_transformer_blocks=[])))
+                for name in BLOCK_LISTS}
+            samples = generate(model, requests)
+    finally:
+        for h in handles:
+            h.remove()
+    return samples, total["flops"], {name: c["flops"] for name, c in per_list.items()}, counts
+
+
+def test_block_flops_follow_the_blocks_cache_dit_skips(tiny_model, pipe, requests):
+    ref, ref_total, ref_lists, ref_calls = counted(tiny_model, requests)
+    assert ref_total == pytest.approx(sum(ref_lists.values()), rel=1e-12)
+    calls = 2 * STEPS  # true CFG: cond and uncond call per step, both prompts in one batch
+    assert ref_calls == {name: calls * len(getattr(pipe.transformer, name)) for name in BLOCK_LISTS}
+
+    never = CacheDitSetting("cache-dit t=0", "cachedit-never", threshold=0.0, warmup=0)
+    never.enable(pipe, STEPS)
+    try:
+        same, never_total, _, never_calls = counted(tiny_model, requests)
+        assert {name: c for name, (c, _) in cached_calls(pipe).items()} == dict.fromkeys(BLOCK_LISTS, 0)
+    finally:
+        never.disable(pipe)
+    assert never_total == ref_total and never_calls == ref_calls
+    assert all(np.array_equal(a, b) for a, b in zip(frames(same), frames(ref)))
+
+    CACHING.enable(pipe, STEPS)
+    try:
+        _, total, _, block_counts = counted(tiny_model, requests)
+        reported = cached_calls(pipe)
+    finally:
+        CACHING.disable(pipe)
+    expected_flops = 0.0
+    for name in BLOCK_LISTS:
+        n = len(getattr(pipe.transformer, name))
+        cached, executed = reported[name]
+        assert executed == calls and 0 < cached < calls
+        skipped = cached * (n - CACHING.Fn - CACHING.Bn)  # blocks a cached call leaves out, per cache-dit's stats
+        assert block_counts[name] == calls * n - skipped  # what our hooks saw run
+        expected_flops += ref_lists[name] * (1 - skipped / (calls * n))  # every block of a list costs the same
+    assert total == pytest.approx(expected_flops, rel=1e-9)
+    assert total < 0.9 * ref_total
+
+
+def test_cache_state_does_not_leak_across_generations(tiny_model, pipe, requests):
+    uncached = generate(tiny_model, requests)
+    CACHING.enable(pipe, STEPS)
+    try:
+        first = generate(tiny_model, requests)
+        first_calls = cached_calls(pipe)
+        second = generate(tiny_model, requests)
+        second_calls = cached_calls(pipe)
+    finally:
+        CACHING.disable(pipe)
+    assert all(c > 0 for c, _ in first_calls.values())
+    assert not any(np.array_equal(a, b) for a, b in zip(frames(first), frames(uncached)))  # it did cache
+    assert second_calls == first_calls
+    assert all(np.array_equal(a, b) for a, b in zip(frames(second), frames(first)))
+
+
+def test_disable_restores_the_pipeline_exactly(tiny_model, pipe, requests):
+    transformer = pipe.transformer
+    before = generate(tiny_model, requests)
+    state = (dict(vars(transformer)), type(pipe).__call__, transformer.transformer_blocks,
+             transformer.single_transformer_blocks)
+    setting = CacheDitSetting("cache-dit TaylorSeer", "cachedit-ts", threshold=0.2, warmup=4, taylorseer_order=1)
+    setting.enable(pipe, STEPS)
+    try:
+        generate(tiny_model, requests)
+        assert type(pipe).__call__ is not state[1] and cache_bytes(pipe) > 0
+    finally:
+        setting.disable(pipe)
+    assert vars(transformer).keys() == state[0].keys()
+    assert all(vars(transformer)[k] is v for k, v in state[0].items())
+    assert type(pipe).__call__ is state[1]
+    assert transformer.transformer_blocks is state[2] and transformer.single_transformer_blocks is state[3]
+    assert cache_bytes(pipe) == 0
+    after = generate(tiny_model, requests)
+    assert all(np.array_equal(a, b) for a, b in zip(frames(after), frames(before)))
+
+
+def test_cache_dit_leaves_a_bound_forward_that_disable_removes(tiny_model, pipe, requests):
+    """cache-dit 1.5.3's own disable stores the class forward on the instance; ours drops it."""
+    transformer = pipe.transformer
+    assert "forward" not in vars(transformer)
+    CACHING.enable(pipe, STEPS)
+    cache_dit.disable_cache(pipe)
+    leftover = vars(transformer).get("forward")
+    assert leftover is not None and leftover.__func__ is type(transformer).forward  # the bug, as shipped
+    del transformer.forward
+    CACHING.enable(pipe, STEPS)
+    CACHING.disable(pipe)
+    assert "forward" not in vars(transformer)  # the fix
+
+
+def test_cache_bytes_are_the_residual_buffers(tiny_model, pipe, requests):
+    """Plain DBCache keeps per block list and CFG branch: the Fn residual and the Bn residual of the video
+    tokens, the Bn residual of the text tokens (all (batch, tokens, hidden) float32)."""
+    CACHING.enable(pipe, STEPS)
+    try:
+        assert cache_bytes(pipe) == 0  # contexts are made by the first pipe call
+        gen = Generator(tiny_model)
+        shapes = {}
+
+        def record(module, args, out) -> None:
+            shapes.setdefault("io", (out[0].shape, out[1].shape))
+
+        handle = pipe.transformer.transformer_blocks[0].register_forward_hook(record)
+        try:
+            gen.generate(requests)
+        finally:
+            handle.remove()
+        held = cache_bytes(pipe)
+    finally:
+        CACHING.disable(pipe)
+    video, text = shapes["io"]
+    per_branch = 2 * video.numel() * 4 + text.numel() * 4
+    assert held == len(BLOCK_LISTS) * 2 * per_branch
+
+
+def test_bad_settings_fail_before_compute(pipe):
+    with pytest.raises(ValueError, match="key"):
+        CacheDitSetting("x", "Bad Key")
+    with pytest.raises(ValueError, match="threshold"):
+        CacheDitSetting("x", "x", threshold=-1)
+    with pytest.raises(ValueError, match="Fn \\+ Bn"):
+        CacheDitSetting("x", "x", Fn=2, Bn=1).enable(pipe, STEPS)
+    assert getattr(pipe.transformer, "_context_manager", None) is None
