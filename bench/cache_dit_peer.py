@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import os
 import re
+import weakref
 from dataclasses import dataclass
 
 import torch
 
 BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")  # what cache-dit's HunyuanVideo adapter wraps
+_MODULE_ORDER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # transformer -> its children's order at enable
 
 
 def is_available() -> bool:
@@ -103,6 +105,7 @@ class CacheDitSetting:
             raise ValueError(f"CacheDitSetting {self.name!r}: Fn + Bn = {self.Fn + self.Bn} exceeds the "
                              f"shortest block list ({shortest} blocks)")
         cache, calibrator = self.configs(num_inference_steps)
+        _MODULE_ORDER[transformer] = tuple(transformer._modules)
         _cache_dit().enable_cache(pipe, cache_config=cache, calibrator_config=calibrator)
 
     def disable(self, pipe) -> None:
@@ -110,19 +113,36 @@ class CacheDitSetting:
 
 
 def disable(pipe) -> None:
-    """`cache_dit.disable_cache(pipe)`, then drop the instance-level `forward` it leaves on the transformer.
+    """`cache_dit.disable_cache(pipe)`, then undo what it leaves behind, so the pipeline is as before `enable`.
 
-    cache-dit 1.5.3 restores the transformer with `transformer.forward = original.__get__(transformer)`:
-    the class's forward, bound, stored on the instance. Calls give the same result, but the module
-    is not as it was (vars() differ; hooks that wrap `forward` later wrap the stored copy). When the
-    stored method is just the class's forward bound to this transformer it is deleted.
+    cache-dit 1.5.3 leaves three things (each checked in tests/test_cache_dit_peer.py):
+    - the transformer's children in another order: every cached forward swaps the block lists with
+      `unittest.mock.patch.object`, which on exit deletes and re-adds them, so they move to the end
+      of `_modules` (single_transformer_blocks before transformer_blocks). diffusers' FirstBlockCache
+      takes its head block from that order and then fails on the next run; the order recorded at
+      `enable` is put back.
+    - `transformer.forward` stored on the instance (`original.__get__(transformer)`, the class's forward
+      bound): deleted when it is exactly that.
+    - its per-call stats (`_cached_steps`, ...) on the two block lists: removed with its own `remove_stats`.
     """
-    _cache_dit().disable_cache(pipe)
+    from cache_dit.caching.cache_blocks import remove_stats
+
+    cd = _cache_dit()
+    cd.disable_cache(pipe)
     transformer = pipe.transformer
     stored = vars(transformer).get("forward")
     if (stored is not None and getattr(stored, "__self__", None) is transformer
             and getattr(stored, "__func__", None) is type(transformer).forward):
         del transformer.forward
+    for name in BLOCK_LISTS:
+        remove_stats(getattr(transformer, name))
+    order = _MODULE_ORDER.pop(transformer, None)
+    if order is not None:
+        children = transformer._modules
+        ordered = {name: children[name] for name in order if name in children}
+        ordered.update((name, module) for name, module in children.items() if name not in ordered)
+        children.clear()
+        children.update(ordered)
 
 
 def settings() -> list[CacheDitSetting]:

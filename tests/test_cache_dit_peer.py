@@ -130,39 +130,76 @@ def test_cache_state_does_not_leak_across_generations(tiny_model, pipe, requests
     assert all(np.array_equal(a, b) for a, b in zip(frames(second), frames(first)))
 
 
-def test_disable_restores_the_pipeline_exactly(tiny_model, pipe, requests):
+def snapshot(pipe) -> dict:
+    """What an exact restore must give back: the transformer's and block lists' attributes (by identity),
+    its children's order, the pipeline class's __call__."""
     transformer = pipe.transformer
+    return {"transformer": dict(vars(transformer)), "children": list(transformer._modules),
+            **{name: dict(vars(getattr(transformer, name))) for name in BLOCK_LISTS}, "call": type(pipe).__call__}
+
+
+def same_state(a: dict, b: dict) -> bool:
+    return (a["children"] == b["children"] and a["call"] is b["call"]
+            and all(a[k].keys() == b[k].keys() and all(a[k][x] is b[k][x] for x in a[k])
+                    for k in ("transformer", *BLOCK_LISTS)))
+
+
+def test_disable_restores_the_pipeline_exactly(tiny_model, pipe, requests):
     before = generate(tiny_model, requests)
-    state = (dict(vars(transformer)), type(pipe).__call__, transformer.transformer_blocks,
-             transformer.single_transformer_blocks)
+    state = snapshot(pipe)
     setting = CacheDitSetting("cache-dit TaylorSeer", "cachedit-ts", threshold=0.2, warmup=4, taylorseer_order=1)
     setting.enable(pipe, STEPS)
     try:
         generate(tiny_model, requests)
-        assert type(pipe).__call__ is not state[1] and cache_bytes(pipe) > 0
+        assert type(pipe).__call__ is not state["call"] and cache_bytes(pipe) > 0
     finally:
         setting.disable(pipe)
-    assert vars(transformer).keys() == state[0].keys()
-    assert all(vars(transformer)[k] is v for k, v in state[0].items())
-    assert type(pipe).__call__ is state[1]
-    assert transformer.transformer_blocks is state[2] and transformer.single_transformer_blocks is state[3]
+    assert same_state(snapshot(pipe), state)
     assert cache_bytes(pipe) == 0
     after = generate(tiny_model, requests)
     assert all(np.array_equal(a, b) for a, b in zip(frames(after), frames(before)))
 
 
-def test_cache_dit_leaves_a_bound_forward_that_disable_removes(tiny_model, pipe, requests):
-    """cache-dit 1.5.3's own disable stores the class forward on the instance; ours drops it."""
+def test_cache_dit_disable_leaves_state_that_ours_removes(tiny_model, pipe, requests):
+    """cache-dit 1.5.3's own disable: children reordered, a bound forward on the instance, stats on the lists."""
     transformer = pipe.transformer
-    assert "forward" not in vars(transformer)
+    generate(tiny_model, requests[:1])  # the pipeline's own first-call attributes (hook registry) are in place
+    state = snapshot(pipe)
     CACHING.enable(pipe, STEPS)
+    generate(tiny_model, requests[:1])
     cache_dit.disable_cache(pipe)
-    leftover = vars(transformer).get("forward")
-    assert leftover is not None and leftover.__func__ is type(transformer).forward  # the bug, as shipped
-    del transformer.forward
+    leftover = snapshot(pipe)
+    assert leftover["children"][-2:] == ["single_transformer_blocks", "transformer_blocks"]  # the bug, as shipped
+    assert state["children"] != leftover["children"]
+    assert vars(transformer)["forward"].__func__ is type(transformer).forward
+    assert all("_cached_steps" in leftover[name] for name in BLOCK_LISTS)
+    children = dict(transformer._modules)  # the order put back by hand, then the same run through ours
+    transformer._modules.clear()
+    transformer._modules.update((name, children[name]) for name in state["children"])
     CACHING.enable(pipe, STEPS)
+    generate(tiny_model, requests[:1])
     CACHING.disable(pipe)
-    assert "forward" not in vars(transformer)  # the fix
+    assert same_state(snapshot(pipe), state)  # the fix
+
+
+def test_diffusers_first_block_cache_runs_the_same_after_cache_dit(tiny_model, pipe, requests):
+    from diffusers import FirstBlockCacheConfig
+
+    def first_block_cache():
+        pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.1))
+        try:
+            return generate(tiny_model, requests)
+        finally:
+            pipe.transformer.disable_cache()
+
+    before = first_block_cache()
+    CACHING.enable(pipe, STEPS)
+    try:
+        generate(tiny_model, requests)
+    finally:
+        CACHING.disable(pipe)
+    after = first_block_cache()
+    assert all(np.array_equal(a, b) for a, b in zip(frames(after), frames(before)))
 
 
 def test_cache_bytes_are_the_residual_buffers(tiny_model, pipe, requests):
