@@ -32,10 +32,14 @@ def requests():
 
 @pytest.fixture
 def pipe(tiny_model):
-    """The bundled pipeline; cache-dit is disabled afterwards if a test left it on."""
+    """The bundled pipeline, handed back to the rest of the suite as it came even if a test fails midway."""
+    transformer = tiny_model.pipe.transformer
+    order = list(transformer._modules)
     yield tiny_model.pipe
-    if getattr(tiny_model.pipe.transformer, "_context_manager", None) is not None:
-        disable(tiny_model.pipe)
+    disable(tiny_model.pipe)  # also drops what a bare cache_dit.disable_cache left
+    children = dict(transformer._modules)
+    transformer._modules.clear()
+    transformer._modules.update((name, children[name]) for name in order)
 
 
 def generate(model, requests, batch_size: int = 8) -> list:
