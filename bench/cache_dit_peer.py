@@ -161,6 +161,7 @@ def settings() -> list[CacheDitSetting]:
     return [
         CacheDitSetting("cache-dit DBCache F1B0 t=0.08", "cachedit-f1b0-0.08", threshold=0.08),
         CacheDitSetting("cache-dit DBCache F1B0 t=0.24", "cachedit-f1b0-0.24", threshold=0.24),
+        CacheDitSetting("cache-dit DBCache F1B0 t=0.4", "cachedit-f1b0-0.4", threshold=0.4),
         CacheDitSetting("cache-dit DBCache F1B0 t=0.8 W1", "cachedit-f1b0-0.8-w1", threshold=0.8, warmup=1),
         CacheDitSetting("cache-dit DBCache F1B0 t=0.08 + TaylorSeer", "cachedit-f1b0-0.08-ts", threshold=0.08,
                         taylorseer_order=1),

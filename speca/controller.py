@@ -4,7 +4,8 @@ For each sample independently, at every step:
   * `F` full step: warm-up, final steps, no full step yet, or `max_spec` speculative steps in a
     row already;
   * otherwise speculate: draft every feature, recompute one block on the drafted input, and
-    accept (`S`) when the error is below the threshold (or the run is still within `min_spec`);
+    accept (`S`) when the error is below the threshold and the run's accumulated error stays
+    under `max_error_sum` (or the run is still within `min_spec`);
     a rejected draft (`R`) is rolled back and the same step is recomputed in full.
 Decisions are plain Python on a few scalars per sample, kept out of any compiled region.
 """
@@ -41,9 +42,10 @@ def error_partials(draft: torch.Tensor, real: torch.Tensor, metric: str) -> torc
 
 
 def error_from_partials(partials: torch.Tensor, metric: str) -> list[float]:
-    num, den = partials[:, 0], partials[:, 1].clamp(min=1e-30)
+    """Per-sample error from (B, 2k) partials of k checks: the largest of the k ratios."""
+    num, den = partials[:, 0::2], partials[:, 1::2].clamp(min=1e-30)
     err = (num / den).sqrt() if metric == "rel_l2" else num / den
-    return err.tolist()
+    return err.amax(dim=1).tolist()
 
 
 @dataclass
@@ -86,6 +88,7 @@ class StepController:
         self.num_steps = num_steps
         self.last_full = [-1] * batch_size
         self.run = [0] * batch_size
+        self.run_error = [0.0] * batch_size  # errors accepted since the last full step
         self.records = [SampleRecord() for _ in range(batch_size)]
         self.decisions: dict[int, tuple[list[bool], list[bool]]] = {}  # step -> (speculate, accepted)
 
@@ -105,7 +108,8 @@ class StepController:
                 accepted.append(False)
                 continue
             err = errors[b]
-            ok = self.run[b] + 1 <= self.config.min_spec or err < tau
+            ok = self.run[b] + 1 <= self.config.min_spec or (
+                err < tau and self.run_error[b] + err < self.config.max_error_sum)
             accepted.append(ok)
             rec = self.records[b]
             rec.errors.append(err)
@@ -115,9 +119,11 @@ class StepController:
             if spec and accepted[b]:
                 self.records[b].pattern.append(ACCEPTED)
                 self.run[b] += 1
+                self.run_error[b] += errors[b]
             else:
                 self.records[b].pattern.append(REJECTED if spec else FULL)
                 self.run[b] = 0
+                self.run_error[b] = 0.0
                 self.last_full[b] = step
         return accepted
 

@@ -81,8 +81,9 @@ def step_flops(transformer_config) -> float:
 def estimate_cache_bytes(transformer_config, config: SpeCaConfig, rows: int = 1, dtype_bytes: int = 2) -> int:
     """Feature-cache bytes for `rows` batch rows (2 per sample with CFG).
 
-    lean: (order + 1) x [stream into the verified block + stream out of it];
+    lean: (order + 1) x [stream into the verified block + stream out of it (+ the first block's out,
+          with verify_first)];
     module: (order + 1) x [attention + MLP output] per block."""
-    per_token = 2 if config.cache == "lean" else 2 * int(transformer_config["num_layers"])
+    per_token = 2 + int(config.verify_first) if config.cache == "lean" else 2 * int(transformer_config["num_layers"])
     return ((config.order + 1) * per_token * image_tokens(transformer_config) * _hidden(transformer_config)
             * rows * dtype_bytes)

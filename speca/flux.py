@@ -84,7 +84,7 @@ def estimate_cache_bytes(transformer_config, config: SpeCaConfig, image_tokens: 
     lean caches both streams into the verified block and the image stream out of it; module caches
     both streams' attention and MLP outputs per dual block and the joint projection per single block."""
     if config.cache == "lean":
-        tokens = 2 * image_tokens + text_tokens
+        tokens = 2 * image_tokens + text_tokens + (image_tokens if config.verify_first else 0)
     else:
         tokens = (int(transformer_config["num_layers"]) * 2 * (image_tokens + text_tokens)
                   + int(transformer_config["num_single_layers"]) * (image_tokens + text_tokens))

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
@@ -91,7 +91,7 @@ class _Pass:
     rows: torch.Tensor  # batch rows in this pass (the forecaster's row index)
     step: int
     forecaster: NewtonForecaster
-    partials: torch.Tensor | None = None  # set by the verified block of a draft pass
+    checks: list[torch.Tensor] = field(default_factory=list)  # (B, 2) error partials per verified block
 
     def record(self, key: str, value: torch.Tensor) -> None:
         self.forecaster.update(key, self.rows, self.step, value)
@@ -128,8 +128,10 @@ class SpeCaSession:
                              f"{num_last} blocks of {family.name}'s {last}")
         self.verify_index = self.num_blocks - num_last + config.verify_block % num_last  # in all blocks
         blocks_after = self.num_blocks - 1 - self.verify_index
-        # Blocks a draft pass executes: the verified one, plus (lean cache) those after it.
-        self.draft_blocks = 1 + (blocks_after if config.cache == "lean" else 0)
+        self.verify_first = config.verify_first and self.verify_index != 0
+        # Blocks a draft pass executes: the verified one, (lean cache) those after it, the first one
+        # when it is verified too.
+        self.draft_blocks = 1 + (blocks_after if config.cache == "lean" else 0) + int(self.verify_first)
         self.states = _ContextStates(_ContextState)
         self.controller: StepController | None = None
         self.leader: str | None = None
@@ -171,8 +173,11 @@ class SpeCaSession:
     def cache_bytes(self) -> int:
         return sum(st.forecaster.nbytes() for st in self.states.states() if st.forecaster is not None)
 
-    def error_partials(self, drafted: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-        """Error partial sums of the verified block over this rank's real image tokens."""
+    def error_partials(self, drafted: torch.Tensor, real: torch.Tensor, block_input: torch.Tensor) -> torch.Tensor:
+        """Error partial sums of a verified block over this rank's real image tokens: of its output,
+        or (signal "delta") of its update, output minus `block_input`."""
+        if self.config.signal == "delta":
+            drafted, real = drafted - block_input, real - block_input
         if self.valid_tokens is not None:
             drafted, real = self.valid_tokens(drafted), self.valid_tokens(real)
         return error_partials(drafted, real, self.config.metric)
@@ -283,7 +288,7 @@ class _SpeCaRootHook(ModelHook):
             out = self.fn_ref.original_forward(**kwargs, return_dict=False)[0]
         finally:
             self.active.current = None
-        return out, current.partials
+        return out, torch.cat(current.checks, dim=1) if current.checks else None
 
 
 class _SpeCaBlockHook(ModelHook):
@@ -295,6 +300,7 @@ class _SpeCaBlockHook(ModelHook):
         self.spec = spec
         self.prefix = f"block{index}"  # position among all blocks, in execution order
         self.is_verify = index == session.verify_index
+        self.is_first_check = index == 0 and session.verify_first
         self.before_verify = index < session.verify_index
         self._signature: inspect.Signature | None = None
 
@@ -319,28 +325,38 @@ class _SpeCaBlockHook(ModelHook):
             return original(*b.args, **b.kwargs)
 
         lean = self.config.cache == "lean"
+        image = spec.image
         if p.mode == "full":
             if lean and self.is_verify:
                 for name, value in streams.items():
                     p.record(f"in.{name}", value)
                 out = run()
-                p.record("out", spec.unpack(out)[spec.image])
+                p.record("out", spec.unpack(out)[image])
+                return out
+            if lean and self.is_first_check:
+                out = run()
+                p.record("first.out", spec.unpack(out)[image])
                 return out
             return run()
         # Draft pass.
         if lean:
+            if self.is_first_check:  # the real latent through the first block, against its draft
+                real = run()
+                p.checks.append(self.measure(p.draft("first.out"), spec.unpack(real)[image], streams[image]))
+                return spec.pack(streams)
             if self.before_verify:
                 return spec.pack(streams)  # skipped: re-drafted at the verified block
             if not self.is_verify:
                 return run()
-            real = run({name: p.draft(f"in.{name}") for name in spec.streams})
-            p.partials = self.measure(p.draft("out"), spec.unpack(real)[spec.image])
+            drafted_in = {name: p.draft(f"in.{name}") for name in spec.streams}
+            real = run(drafted_in)
+            p.checks.append(self.measure(p.draft("out"), spec.unpack(real)[image], drafted_in[image]))
             return real
         drafted = spec.redraft(module, streams, call.arguments, lambda key: p.draft(f"{self.prefix}.{key}"))
-        if not self.is_verify:
+        if not (self.is_verify or self.is_first_check):
             return spec.pack(drafted)
         real = run()
-        p.partials = self.measure(drafted[spec.image], spec.unpack(real)[spec.image])
+        p.checks.append(self.measure(drafted[image], spec.unpack(real)[image], streams[image]))
         return real
 
 

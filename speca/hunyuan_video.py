@@ -79,12 +79,13 @@ def estimate_cache_bytes(transformer_config, config: SpeCaConfig, video_tokens: 
     """Feature-cache bytes SpeCa holds for a batch (per rank under sequence parallelism, pass the
     rank's video tokens). `contexts` = 2 with true CFG (cond and uncond keep separate caches).
 
-    lean:   (order + 1) x [streams into the verified block (video + text) + video stream out of it]
+    lean:   (order + 1) x [streams into the verified block (video + text) + video stream out of it
+                           (+ the first block's video stream out, with verify_first)]
     module: (order + 1) x [per dual-stream block: attention and MLP outputs of both streams;
                            per single-stream block: the output projection over video + text]
     """
     if config.cache == "lean":
-        tokens = 2 * video_tokens + text_tokens
+        tokens = 2 * video_tokens + text_tokens + (video_tokens if config.verify_first else 0)
     else:
         tokens = (int(transformer_config["num_layers"]) * 2 * (video_tokens + text_tokens)
                   + int(transformer_config["num_single_layers"]) * (video_tokens + text_tokens))

@@ -18,6 +18,7 @@ from speca import SpeCaConfig, apply_speca, disable_speca
 from speca.controller import StepController
 
 INF = math.inf
+CHECKS = {"verify_first": True, "signal": "delta"}  # the checks the paper's method lacks
 
 
 class SpeCaFamilyTests:
@@ -65,17 +66,20 @@ class SpeCaFamilyTests:
 
     @pytest.mark.parametrize("cache", ["lean", "module"])
     @pytest.mark.parametrize("cfg", [False, True])
-    def test_threshold_zero_reproduces_uncached(self, pipe, cache, cfg):
+    @pytest.mark.parametrize("checks", [{}, CHECKS])
+    def test_threshold_zero_reproduces_uncached(self, pipe, cache, cfg, checks):
         base = self.run(pipe, [0, 1], cfg)
-        session = apply_speca(pipe, SpeCaConfig(cache=cache, tau0=0.0, tau_min=0.0, warmup_steps=1))
+        session = apply_speca(pipe, SpeCaConfig(cache=cache, tau0=0.0, tau_min=0.0, warmup_steps=1, **checks))
         out = self.run(pipe, [0, 1], cfg)
         assert [s.step_pattern for s in session.stats()] == ["F" + "R" * (self.STEPS - 1)] * 2
         assert (out - base).abs().max().item() <= 1e-5
 
-    @pytest.mark.parametrize("cache,cfg", [("lean", False), ("module", False), ("module", True)])
-    def test_batch_with_mixed_decisions_equals_alone(self, pipe, forced, cache, cfg):
+    @pytest.mark.parametrize("cache,cfg,checks", [("lean", False, {}), ("module", False, {}), ("module", True, {}),
+                                                  ("lean", True, CHECKS), ("module", False, CHECKS)])
+    def test_batch_with_mixed_decisions_equals_alone(self, pipe, forced, cache, cfg, checks):
         forced.reject = {(1, 3), (2, 3), (2, 4), (0, 5)}
-        session = apply_speca(pipe, SpeCaConfig(cache=cache, tau0=INF, tau_min=INF, warmup_steps=2, max_spec=4))
+        session = apply_speca(pipe, SpeCaConfig(cache=cache, tau0=INF, tau_min=INF, warmup_steps=2, max_spec=4,
+                                                **checks))
         forced.batch = [0, 1, 2]
         batch = self.run(pipe, [0, 1, 2], cfg)
         patterns = [s.step_pattern for s in session.stats()]
@@ -183,9 +187,9 @@ class SpeCaFamilyTests:
                     assert torch.allclose(drafted[name], real[name], rtol=1e-5, atol=1e-6), (type(block), name)
         assert len(checked) == len(specs)
 
-    @pytest.mark.parametrize("cache", ["lean", "module"])
-    def test_cache_bytes_estimate_matches_the_cache(self, pipe, cache):
-        cfg = SpeCaConfig(cache=cache, order=2)
+    @pytest.mark.parametrize("cache,first", [("lean", False), ("module", False), ("lean", True)])
+    def test_cache_bytes_estimate_matches_the_cache(self, pipe, cache, first):
+        cfg = SpeCaConfig(cache=cache, order=2, verify_first=first)
         session = apply_speca(pipe, cfg)
         self.run(pipe, [0, 1, 2], cfg=True)
         assert session.stats()[0].cache_bytes == self.estimate_cache_bytes(pipe.transformer, cfg, 3, True) > 0

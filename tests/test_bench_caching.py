@@ -10,8 +10,8 @@ import pytest
 from bench import caching
 from pipeline.tiny import world
 
-SPECA = ["speca-default-lean-0.05-b8", "speca-default-lean-0.1-b8"]
-WORKING = [*SPECA, "magcache-0.06", "pab-2-branch", "fastercache-2-branch"]
+SPECA = ["speca-default", "speca-default-b1", "speca-reference-1.0"]
+WORKING = [*SPECA, "magcache-0.06", "pab-2-branch", "fastercache-2-branch", "fewer-steps-5"]
 FAILING = "fastercache-cfg"  # FasterCache's CFG cache cannot run with CFG as two calls: an error row
 PROMPTS, STEPS = 2, 10
 
@@ -40,7 +40,7 @@ def test_writes_markdown_json_and_png(report):
 def test_reference_row_renders_as_the_baseline(report):
     _, md, _, rows = report
     assert rows["reference"]["kind"] == "reference" and rows["reference"]["full_steps"] is None
-    assert "| no cache | `reference` | 1.00x | 1.00x | inf (identical) | 1.000 |" in md
+    assert "| no cache | `reference` | 1.00x | 1.00x | 1.00x | inf | inf | inf | 1.000 | 1.000 | 0 |" in md
 
 
 def test_uncached_runs_reproduce_exactly_and_a_cached_run_does_not(tiny_model):
@@ -58,7 +58,8 @@ def test_uncached_runs_reproduce_exactly_and_a_cached_run_does_not(tiny_model):
     again = caching.make_row(ref, caching.run_method(tiny_model, ref, requests), first, [1.0], [1.0])
     cached = caching.make_row(speca, caching.run_method(tiny_model, speca, requests), first, [1.0], [1.0])
     assert math.isinf(again["psnr"]) and again["ssim"] == pytest.approx(1.0)
-    assert again["flops_speedup"] == pytest.approx(1.0)
+    assert again["flops_speedup"] == pytest.approx(1.0) and again["flops_speedup_60"] == pytest.approx(1.0)
+    assert again["failures"] == []
     assert math.isfinite(cached["psnr"]) and cached["ssim"] < 1.0
     assert cached["full_steps"] == [3] and cached["flops_speedup"] > 1.5  # FF SSS F: 3 full steps of 6
 
@@ -69,8 +70,10 @@ def test_every_method_skips_work_and_stays_close(report):
         r = rows[key]
         assert r["error"] is None, key
         assert r["flops_speedup"] > 1.0, key
-        assert math.isfinite(r["psnr"]) and r["psnr"] > 15.0, key
-        assert 0.0 < r["ssim"] < 1.0, key
+        assert math.isfinite(r["psnr"]) and r["psnr"] > 10.0, key  # the paper's preset: ~13 dB at 10 steps
+        assert r["psnr_worst"] <= r["psnr_p10"] <= r["psnr"] and len(r["psnr_all"]) == PROMPTS, key
+        assert r["psnr_worst"] == min(r["psnr_all"]), key
+        assert 0.0 < r["ssim_worst"] <= r["ssim"] < 1.0, key
         assert 0.0 < r["flicker"] <= 1.0, key
         assert r["wall_speedup"] > 0 and len(r["denoise_seconds"]) == 1, key
     assert rows["magcache-0.06"]["cache_mb"] > 0 and rows["pab-2-branch"]["cache_mb"] > 0
@@ -107,35 +110,67 @@ def test_goals_are_computed_from_the_rows(report):
     _, md, _, rows = report
     ok = [r for r in rows.values() if r["error"] is None]
 
-    def best(rs):
-        fit = [r["flops_speedup"] for r in rs if r["psnr"] >= 30.0]
-        return max(fit) if fit else None
+    def fit(r):
+        return r["psnr"] >= 32.0 and min(r["psnr_all"]) >= 26.0
 
-    speca = best([r for r in ok if r["kind"] == "speca"])
-    families = {r["family"] for r in rows.values() if r["kind"] == "diffusers"}
-    assert families == {"magcache", "pab", "fastercache"}
-    beaten = []
-    for family in families:
-        hook = best([r for r in ok if r["family"] == family])
-        line = next(ln for ln in md.splitlines() if ln.startswith(f"| {caching.FAMILIES[family]} |"))
-        if hook is None:
-            assert "no row reaches it" in line
-            beaten.append(speca is not None)
-        else:
-            assert f"| {hook:.2f}x (" in line
-            assert (f"| {speca / hook:.2f} |" if speca else "| n/a |") in line
-            beaten.append(speca is not None and speca / hook >= 1.25)
-    goal1 = speca is not None and all(beaten)
-    goal1_line = next(ln for ln in md.splitlines() if ln.startswith("Goal 1: at PSNR >= 30 dB"))
-    assert goal1_line.endswith("**met**." if goal1 else "**NOT met**.")
-    if speca is not None:
-        assert f"SpeCa's best at >= 30 dB: {speca:.2f}x" in md
+    lines = md.splitlines()
+    for n, (key, where) in enumerate([("flops_speedup", "at the model's depth"),
+                                      ("flops_speedup_60", "projected to 60 blocks")]):
+        def best(rs):
+            return max((r[key] for r in rs if fit(r)), default=None)
 
-    batch8 = [r for r in ok if r["kind"] == "speca" and r["batch"] == 8]
-    goal2 = bool(batch8) and all(r["full_steps_min"] < r["full_steps_max"] for r in batch8)
-    goal2_line = next(ln for ln in md.splitlines() if ln.startswith("Goal 2: batch-8 SpeCa"))
-    assert ("**met**" if goal2 else "**NOT met**") in goal2_line
-    assert ("## Analysis" in md) == (not (goal1 and goal2))
+        speca = best([r for r in ok if r["kind"] == "speca"])
+        beaten = []
+        for family in ("fewer-steps", "magcache", "fastercache", "pab"):
+            peer = best([r for r in ok if r["family"] == family])
+            table = lines.index(next(ln for ln in lines if ln.startswith(f"Goal 1{'ab'[n]}, FLOPs {where}")))
+            line = next(ln for ln in lines[table:] if ln.startswith(f"| {caching.FAMILIES[family]} |"))
+            if peer is None:
+                assert "no row above the floor" in line
+                beaten.append(speca is not None)
+            else:
+                assert f"| {peer:.2f}x (" in line
+                assert (f"| {speca / peer:.2f} |" if speca else "| n/a |") in line
+                beaten.append(speca is not None and speca / peer >= 1.25)
+        goal = next(ln for ln in lines if ln.startswith(f"Goal 1{'ab'[n]}, FLOPs"))
+        assert ("**met**" if speca is not None and all(beaten) else "**NOT met**") in goal
+        if speca is not None:
+            assert f"SpeCa's best: {speca:.2f}x" in goal
+
+    default, alone = rows["speca-default"], rows["speca-default-b1"]
+    goal2 = next(ln for ln in lines if ln.startswith("Goal 2, the default preset"))
+    met = not default["failures"] and default["wall_speedup"] / default["flops_speedup"] >= 0.8
+    assert ("**met**" if met else "**NOT met**") in goal2 and f"({len(default['failures'])} failures;" in goal2
+    goal3 = next(ln for ln in lines if ln.startswith("Goal 3, batch 8 and batch 1"))
+    same = sum(a == b for a, b in zip(default["patterns"], alone["patterns"]))
+    assert same == PROMPTS  # the equivalence itself (tests/test_speca_* check it numerically too)
+    assert f"**met** ({same} of {PROMPTS} samples)" in goal3
+
+
+def test_projection_to_60_blocks_follows_the_step_patterns(report):
+    """The FLOPs hooks and `projected_fraction` against the controller's own record: at 60 blocks a
+    full step costs 60 blocks, an accepted draft the verified block(s), a rejected one both."""
+    _, _, _, rows = report
+    for key in SPECA:
+        r = rows[key]
+        verify_first = key.startswith("speca-default") and caching.SpeCaConfig.from_name("default").verify_first
+        drafted = 1 + int(verify_first)  # the last block, and the first when it is checked too
+        cost = sum(p.count("F") * 60 + p.count("S") * drafted + p.count("R") * (60 + drafted) for p in r["patterns"])
+        expected = 60 * sum(len(p) for p in r["patterns"]) / cost
+        assert r["flops_speedup_60"] == pytest.approx(expected, rel=0.02), key
+        assert r["flops_speedup_60"] > r["flops_speedup"], key  # the check's cost shrinks with depth
+    few = rows["fewer-steps-5"]
+    assert few["flops_speedup"] == pytest.approx(STEPS / 5, rel=1e-6)
+    assert few["flops_speedup_60"] == pytest.approx(few["flops_speedup"], rel=1e-6)  # no block is a fixed cost
+
+
+def test_projected_fraction_keeps_fixed_blocks_and_scales_the_rest():
+    ref = [10.0] * 6
+    assert caching.projected_fraction([5.0] * 6, ref) == pytest.approx(0.5)  # whole steps skipped: same share
+    first_always = [10.0] + [2.0] * 5  # one block at every call, the others at a fifth of the calls
+    assert caching.projected_fraction(first_always, ref, depth=6) == pytest.approx(sum(first_always) / 60)
+    deep = caching.projected_fraction(first_always, ref, depth=60)
+    assert 0.2 < deep < sum(first_always) / 60  # the fixed block weighs 1/60 there, not 1/6
 
 
 def test_pareto_front_keeps_only_undominated_points():
@@ -145,6 +180,7 @@ def test_pareto_front_keeps_only_undominated_points():
 
 def test_only_selects_by_key_family_and_wildcard():
     methods = caching.speca_methods() + caching.diffusers_methods(STEPS, lambda: [1.0] * STEPS)
+    assert [m.key for m in caching.select(methods, "speca-default*")][:2] == ["speca-default", "speca-default-b1"]
     assert {m.key for m in caching.select(methods, "pab")} == {"pab-2", "pab-3", "pab-4", "pab-2-branch",
                                                                 "pab-3-branch", "pab-4-branch"}
     assert [m.key for m in caching.select(methods, "magcache-0.06, fbc-*")] == ["fbc-0.05", "fbc-0.1", "fbc-0.2",

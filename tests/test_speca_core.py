@@ -166,3 +166,23 @@ def test_core_modules_name_no_model():
         text = " ".join(words).lower()
         for name in ("hunyuan", "flux", "dit"):
             assert not re.search(rf"\b{name}", text), (path.name, name)
+
+
+def test_accumulated_error_floor_ends_a_run():
+    """Each draft passes the threshold, but the run's summed errors reach the floor: a full step."""
+    cfg = SpeCaConfig(warmup_steps=1, tau0=1.0, tau_min=1.0, max_spec=8, max_error_sum=0.1)
+    ctrl = StepController(cfg, batch_size=2, num_steps=12)
+    patterns = [""] * 2
+    for step in range(9):
+        speculate = ctrl.plan(step)
+        errors = {b: (0.03 if b == 0 else 0.001) for b, s in enumerate(speculate) if s}
+        ctrl.decide(step, speculate, errors)
+    patterns = [r.step_pattern for r in ctrl.records]
+    assert patterns[0] == "FSSSRSSSR"  # 0.03 x 3 = 0.09 < 0.1; a fourth would reach 0.12
+    assert patterns[1] == "FSSSSSSSS"  # small errors never reach it
+
+
+def test_beta_above_one_is_strict_early():
+    cfg = SpeCaConfig(tau0=0.02, beta=4.0, tau_min=0.0)
+    assert cfg.threshold(0, 50) == pytest.approx(0.02) and cfg.threshold(50, 50) == pytest.approx(0.08)
+    assert cfg.threshold(10, 50) < cfg.threshold(40, 50)

@@ -273,3 +273,44 @@ class TestSpeCaHunyuanShared(SpeCaFamilyTests):
 
     def verified_block(self, transformer):
         return transformer.single_transformer_blocks[-1]
+
+
+def _check_errors(pipe, config, perturb_at=None):
+    """SpeCa's check errors over a run of accepted drafts; with `perturb_at`, the latent is replaced by
+    fresh noise after that step, as if the trajectory had left the one the drafts extrapolate."""
+    def callback(_pipe, i, _t, tensors):
+        if i == perturb_at:
+            return {"latents": torch.randn(tensors["latents"].shape, generator=torch.Generator().manual_seed(99))}
+        return {}
+
+    session = apply_speca(pipe, config)
+    try:
+        pipe(prompt=[PROMPTS[0]], generator=[torch.Generator().manual_seed(0)], height=32, width=32, num_frames=17,
+             num_inference_steps=STEPS, prompt_template=TEMPLATE, max_sequence_length=16, output_type="latent",
+             callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["latents"])
+        return session.stats()[0].errors
+    finally:
+        disable_speca(pipe)
+
+
+def test_first_block_check_sees_the_real_latent(tiny_pipe):
+    """The paper's last-block check compares drafts with drafts: a latent that left the drafted trajectory
+    leaves its error unchanged. The first-block check runs on the real latent and sees it."""
+    always = dict(tau0=math.inf, tau_min=math.inf, warmup_steps=3, max_spec=STEPS)
+    plain = SpeCaConfig(**always)
+    first = SpeCaConfig(verify_first=True, **always)
+    # Steps 0-2 run in full; the drafts from step 3 on are all accepted; the latent is replaced after step 3.
+    assert _check_errors(tiny_pipe, plain, perturb_at=3) == pytest.approx(_check_errors(tiny_pipe, plain), rel=1e-9)
+    calm, moved = _check_errors(tiny_pipe, first), _check_errors(tiny_pipe, first, perturb_at=3)
+    assert moved[0] == pytest.approx(calm[0], rel=1e-9)  # step 3: before the change
+    assert moved[1] > 3 * calm[1]  # step 4: the first block's input is the new latent
+
+
+def test_delta_signal_is_not_diluted_by_the_residual_stream(tiny_pipe):
+    """Same drafts, same differences; the delta signal divides by the block's update, which is smaller
+    than the stream it is added to, so its errors are larger at every speculative step."""
+    always = dict(tau0=math.inf, tau_min=math.inf, warmup_steps=3, max_spec=STEPS)
+    output = _check_errors(tiny_pipe, SpeCaConfig(signal="output", **always))
+    delta = _check_errors(tiny_pipe, SpeCaConfig(signal="delta", **always))
+    assert len(output) == len(delta) == STEPS - 3
+    assert all(d > 1.5 * o > 0 for o, d in zip(output, delta))
