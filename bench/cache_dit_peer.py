@@ -25,7 +25,7 @@ import re
 import weakref
 from dataclasses import dataclass
 
-import torch
+from bench.storage import storage_bytes
 
 BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")  # what cache-dit's HunyuanVideo adapter wraps
 _MODULE_ORDER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # transformer -> its children's order at enable
@@ -208,23 +208,5 @@ def cache_bytes(pipe) -> int:
     branch) and calibrator states (TaylorSeer: value and derivatives per stream) after a call
     until the next `pipe(...)` replaces them or `disable` clears them; 0 when not enabled.
     """
-    seen: set[int] = set()
-
-    def size(obj, depth: int) -> int:
-        if torch.is_tensor(obj):
-            storage = obj.untyped_storage()
-            if storage.data_ptr() in seen:
-                return 0
-            seen.add(storage.data_ptr())
-            return storage.nbytes()
-        if depth >= 6:
-            return 0
-        if isinstance(obj, dict):
-            return sum(size(v, depth + 1) for v in obj.values())
-        if isinstance(obj, (list, tuple)):
-            return sum(size(v, depth + 1) for v in obj)
-        if hasattr(obj, "__dict__") and type(obj).__module__.startswith("cache_dit."):
-            return sum(size(v, depth + 1) for v in vars(obj).values())
-        return 0
-
-    return sum(size(context, 0) for context in _contexts(pipe))
+    return storage_bytes(_contexts(pipe), max_depth=6,
+                         into=lambda obj: hasattr(obj, "__dict__") and type(obj).__module__.startswith("cache_dit."))

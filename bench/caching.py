@@ -67,6 +67,7 @@ import torch.nn.functional as F
 from diffusers import __version__ as diffusers_version
 
 from bench import cache_dit_peer
+from bench.storage import storage_bytes
 from pipeline.config import ModelConfig, SampleRequest
 from pipeline.generate import Generator
 from pipeline.loading import load_pipeline
@@ -193,23 +194,8 @@ def _hook_states(transformer) -> list:
 
 def hook_cache_bytes(transformer, extra_states=()) -> int:
     """Bytes of the tensor storages the hooks' states hold right now (each storage once)."""
-    seen: set[int] = set()
-
-    def size(obj, depth: int) -> int:
-        if torch.is_tensor(obj):
-            storage = obj.untyped_storage()
-            if storage.data_ptr() in seen:
-                return 0
-            seen.add(storage.data_ptr())
-            return storage.nbytes()
-        if isinstance(obj, dict):
-            obj = list(obj.values())
-        if isinstance(obj, (list, tuple)) and depth < 4:
-            return sum(size(x, depth + 1) for x in obj)
-        return 0
-
     states = {id(s): s for s in [*_hook_states(transformer), *extra_states]}
-    return sum(size(list(vars(s).values()), 0) for s in states.values())
+    return storage_bytes([vars(s) for s in states.values()], max_depth=5)
 
 
 @contextlib.contextmanager
@@ -470,8 +456,8 @@ def make_row(method: Method, result: dict | None, reference: dict, seconds: list
     ssims = [ssim(s.frames, r.frames) for s, r in pairs]
     ref_verdicts = reference.get("verdicts") or verdicts(reference["samples"])
     mine = verdicts(samples)
-    failures = [s.request.prompt for s, p, v, rv in zip(samples, psnrs, mine, ref_verdicts)
-                if p < FAILURE_PSNR_DB or v != rv]
+    failures = [{"prompt": s.request.prompt, "psnr": p, "flipped": sorted(k for k in v if v[k] != rv[k])}
+                for s, p, v, rv in zip(samples, psnrs, mine, ref_verdicts) if p < FAILURE_PSNR_DB or v != rv]
     adh = scorer.accuracy(mine)
     full = [s.stats.full_steps + s.stats.spec_rejected for s in samples] if method.speca is not None else None
     capped = np.minimum(psnrs, PSNR_CAP_DB)
@@ -579,6 +565,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="comma-separated method keys or family names, shell wildcards allowed, e.g. "
                              "'speca,magcache-*,pab-2'; the uncached reference always runs (default: all; see --list)")
     parser.add_argument("--list", action="store_true", help="print the method keys and families, then exit")
+    parser.add_argument("--render", action="store_true",
+                        help="rewrite the report (--out) from its JSON, e.g. after editing <stem>_analysis.md; "
+                             "runs nothing")
     parser.add_argument("--out", default="bench/results/caching.md",
                         help="markdown report; the JSON and <stem>_pareto.png go next to it "
                              "(default: bench/results/caching.md)")
@@ -587,6 +576,12 @@ def main(argv: list[str] | None = None) -> None:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
 
+    if args.render:
+        data = json.loads(Path(args.out).with_suffix(".json").read_text())
+        rows = data.pop("rows")
+        data.pop("goals")
+        write_report(rows, data, Path(args.out))
+        return
     model = None  # loaded after --list
     specs = world.eval_specs(args.prompts)
     requests = [SampleRequest(prompt=s.prompt, seed=world.EVAL_SEED_BASE + i, num_inference_steps=args.steps)
@@ -650,7 +645,7 @@ def main(argv: list[str] | None = None) -> None:
                     + (f", cache-dit {importlib.metadata.version('cache-dit')}" if cache_dit_peer.is_available() else "")
                     + "; fp32"),
         "model": args.model, "model_desc": describe_model(model), "prompts": args.prompts,
-        "prompt_set": args.prompt_set, "steps": args.steps,
+        "prompt_set": args.prompt_set, "prompt_list": [r.prompt for r in requests], "steps": args.steps,
         "repeats": args.repeats,
         "calibration_prompts": [r.prompt for r in calibration] if used_mag else None,
         "mag_ratios": mag_ratios() if used_mag else None,
@@ -708,6 +703,18 @@ def _speedup(value) -> str:
 
 def _db(value) -> str:
     return "inf" if value is not None and math.isinf(value) else _fmt(value, ".1f")
+
+
+def _prompt(failure) -> str:
+    return failure if isinstance(failure, str) else failure["prompt"]
+
+
+def _failure(failure, flips: Counter) -> str:
+    """One failing clip for the report; JSON written before 2026-12-01 13:40 kept only the prompt."""
+    if isinstance(failure, str):
+        return f"{failure} [{flips[failure]}]"
+    why = ", ".join(failure["flipped"]) or "none"
+    return f"{failure['prompt']} ({_db(failure['psnr'])} dB; {why}) [{flips[failure['prompt']]}]"
 
 
 def write_report(rows: list[dict], meta: dict, out: Path) -> None:
@@ -806,8 +813,13 @@ def write_report(rows: list[dict], meta: dict, out: Path) -> None:
         lines.append("")
     failing = [r for r in rows if r["error"] is None and r["kind"] != "reference" and r["failures"]]
     if failing:
-        lines += ["## Structural failures", ""]
-        lines += [f"- {r['method']}: {'; '.join(r['failures'])}" for r in failing]
+        flips = Counter(_prompt(f) for r in failing for f in r["failures"])
+        methods = sum(r["error"] is None and r["kind"] != "reference" for r in rows)
+        lines += ["## Structural failures", "",
+                  "Each failing clip: its PSNR to the uncached clip and the attributes the scorer judged otherwise "
+                  f"(none: under {FAILURE_PSNR_DB:.0f} dB only); [n] = failing clips with that prompt over all "
+                  f"{methods} methods.", ""]
+        lines += [f"- {r['method']}: " + "; ".join(_failure(f, flips) for f in r["failures"]) for r in failing]
         lines.append("")
     speca_rows = [r for r in rows if r["error"] is None and r["full_steps"]]
     if speca_rows:

@@ -126,9 +126,9 @@ PRESETS: dict[str, SpeCaConfig] = {
     # Our default: lean cache, ratio-of-sums error, 3 warm-up steps, and a threshold that starts 16x
     # stricter than it ends (0.006 -> 0.096): a draft error while the layout forms moves the whole
     # trajectory (a second copy of an object), one late in the run only blurs detail. Tuned on 48
-    # calibration prompts that are not bench.caching's evaluation prompts (bundled model, 50 steps):
-    # the paper's direction (0.05 -> 0.025) gave 2.62x fewer FLOPs with a worst clip of 26.2 dB and 3
-    # clips judged otherwise than uncached; this gives 2.32x, worst 31.4 dB, none
-    # (bench/results/caching.md has the evaluation run and the ablations).
+    # calibration prompts that are not bench.caching's evaluation prompts (bundled model, 50 steps,
+    # bench/results/speca_tuning.md): the paper's direction (0.05 -> 0.025) gave 2.62x fewer FLOPs
+    # with a worst clip of 26.2 dB and 3 clips judged otherwise than uncached; this gives 2.32x,
+    # worst 31.4 dB, none (bench/results/caching.md has the evaluation run and the ablations).
     "default": SpeCaConfig(),
 }

@@ -60,6 +60,8 @@ def test_uncached_runs_reproduce_exactly_and_a_cached_run_does_not(tiny_model):
     assert math.isinf(again["psnr"]) and again["ssim"] == pytest.approx(1.0)
     assert again["flops_speedup"] == pytest.approx(1.0) and again["flops_speedup_60"] == pytest.approx(1.0)
     assert again["failures"] == []
+    for f in cached["failures"]:  # each one is under the PSNR bar or judged otherwise than the uncached clip
+        assert f["psnr"] < caching.FAILURE_PSNR_DB or f["flipped"]
     assert math.isfinite(cached["psnr"]) and cached["ssim"] < 1.0
     assert cached["full_steps"] == [3] and cached["flops_speedup"] > 1.5  # FF SSS F: 3 full steps of 6
 
@@ -215,3 +217,25 @@ def test_pab_state_is_shared_by_cfg_branches_and_the_wrapper_splits_it(tiny_mode
     finally:
         handle.remove()
         pipe.transformer.disable_cache()
+
+
+def test_calibration_prompt_set_avoids_the_evaluation_prompts(tmp_path):
+    out = tmp_path / "tuning.md"
+    caching.main(["--prompts", "2", "--steps", "4", "--prompt-set", "calibration", "--only", "speca-default",
+                  "--out", str(out)])
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["prompt_set"] == "calibration" and len(data["prompt_list"]) == 2
+    assert not set(data["prompt_list"]) & {s.prompt for s in world.eval_specs(2)}
+    assert "held-out calibration prompts" in out.read_text()
+
+
+def test_render_rewrites_the_report_from_its_json(report, tmp_path):
+    out, md, _, _ = report
+    copy = tmp_path / "caching.md"
+    copy.with_suffix(".json").write_text(out.with_suffix(".json").read_text())
+    copy.with_name("caching_analysis.md").write_text("Written after the run.")
+    caching.main(["--render", "--out", str(copy)])
+    again = copy.read_text()
+    assert ("Written after the run." in again) == ("## Analysis" in md)
+    assert [ln for ln in again.splitlines() if ln.startswith("| ")] == [ln for ln in md.splitlines()
+                                                                        if ln.startswith("| ")]

@@ -39,7 +39,7 @@ SPECA = [*BASE, *CALIBRATED_FROM]
 def speca_config(name: str, taus: dict) -> SpeCaConfig:
     if name in CALIBRATED_FROM:
         base = {**BASE, **CALIBRATION}[CALIBRATED_FROM[name]]
-        return base.replace(tau0=taus[name], tau_min=taus[name])
+        return base.replace(tau0=taus[name], tau_min=taus[name], beta=1.0)  # one threshold at every step
     return {**BASE, **CALIBRATION}[name]
 
 
