@@ -25,7 +25,7 @@ import re
 import weakref
 from dataclasses import dataclass
 
-from bench.storage import storage_bytes
+from bench.cache_memory import storage_bytes
 
 BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")  # what cache-dit's HunyuanVideo adapter wraps
 _MODULE_ORDER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # transformer -> its children's order at enable

@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from diffusers import __version__ as diffusers_version
 
 from bench import cache_dit_peer
-from bench.storage import storage_bytes
+from bench.cache_memory import storage_bytes
 from pipeline.config import ModelConfig, SampleRequest
 from pipeline.generate import Generator
 from pipeline.loading import load_pipeline
@@ -95,7 +95,7 @@ FAMILIES = {  # --only family names -> display names
     "pab": "PyramidAttentionBroadcast",
     "cache-dit": "cache-dit",
 }
-SPECA_THRESHOLDS = {"reference": (0.25, 0.5, 1.0)}
+REFERENCE_THRESHOLDS = (0.25, 0.5, 1.0)  # the paper's preset at three tau0
 SPECA_ABLATIONS = [  # (key, what changes against the default preset, SpeCaConfig changes)
     ("paper-schedule", "the paper's threshold direction, lenient early and strict late (0.05 -> 0.025; the "
      "previous default)", dict(tau0=0.05, beta=0.5, tau_min=0.02)),
@@ -115,7 +115,7 @@ def count_block_flops(transformer):
     in all (`flops`) and per block in execution order (`blocks`, for `projected_fraction`)."""
     blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
     total = {"flops": 0.0, "blocks": [0.0] * len(blocks)}
-    inside: list[int] = []  # the block being run: attention elsewhere (token refiner, text encoders, VAE) is not counted
+    inside: list[int] = []  # the block being run; attention elsewhere (refiner, text encoders, VAE) is not counted
     handles = []
 
     def add(flops: float) -> None:
@@ -328,7 +328,7 @@ def speca_methods() -> list[Method]:
     for factor, name in ((0.5, "strict"), (1.5, "fast"), (2.0, "faster")):
         cfg = d.replace(tau0=d.tau0 * factor)
         out.append(Method(f"SpeCa default, {name} (thresholds x{factor})", "speca", f"{DEFAULT_KEY}-{name}", cfg))
-    for tau0 in SPECA_THRESHOLDS["reference"]:
+    for tau0 in REFERENCE_THRESHOLDS:
         cfg = SpeCaConfig.from_name("reference", tau0=tau0)
         out.append(Method(f"SpeCa reference (the paper's method) tau0={tau0}", "speca", f"speca-reference-{tau0}", cfg,
                           ablation="the paper's method (authors' HunyuanVideo settings)" if tau0 == 1.0 else None))
@@ -642,7 +642,8 @@ def main(argv: list[str] | None = None) -> None:
         "command": "python -m bench.caching" + (" " + shlex.join(argv) if argv else ""),
         "machine": (f"{platform.machine()} CPU ({os.cpu_count()} cores), {torch.get_num_threads()} torch threads, "
                     f"torch {torch.__version__}, diffusers {diffusers_version}"
-                    + (f", cache-dit {importlib.metadata.version('cache-dit')}" if cache_dit_peer.is_available() else "")
+                    + (f", cache-dit {importlib.metadata.version('cache-dit')}"
+                       if cache_dit_peer.is_available() else "")
                     + "; fp32"),
         "model": args.model, "model_desc": describe_model(model), "prompts": args.prompts,
         "prompt_set": args.prompt_set, "prompt_list": [r.prompt for r in requests], "steps": args.steps,
