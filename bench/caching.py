@@ -70,9 +70,9 @@ from bench import cache_dit_peer
 from bench.cache_memory import storage_bytes
 from pipeline.config import ModelConfig, SampleRequest
 from pipeline.generate import Generator
-from pipeline.loading import load_pipeline
+from pipeline.loading import load_pipeline, resolve_model_path
 from pipeline.quality import psnr, ssim, temporal_flickering
-from pipeline.tiny import scorer, world
+from pipeline.tiny.worlds import World, world_of
 from speca import SpeCaConfig
 
 FLOOR_MEAN_DB = 32.0  # the quality floor: mean PSNR to the uncached clips ...
@@ -83,7 +83,7 @@ WALL_SHARE_GOAL = 0.8  # the default preset's wall speedup / its FLOPs speedup
 HUNYUAN_DEPTH = 60  # HunyuanVideo's 20 dual- + 40 single-stream blocks, for the projected speedups
 PSNR_CAP_DB = 100.0  # identical clips (inf dB) count as this in means
 PLOT_PSNR_CAP_DB = 60.0
-CALIBRATION_SEED_BASE = world.EVAL_SEED_BASE + 500_000  # calibration prompts draw their clips from here on
+CALIBRATION_SEED_OFFSET = 500_000  # calibration clips draw their seeds from the evaluation seeds + this on
 FAMILIES = {  # --only family names -> display names
     "reference": "no cache",
     "speca": "SpeCa",
@@ -105,6 +105,9 @@ SPECA_ABLATIONS = [  # (key, what changes against the default preset, SpeCaConfi
      dict(signal="delta", tau0=0.036)),
     ("floor", "accumulated-error floor: a run of drafts ends when its errors sum to 0.05", dict(max_error_sum=0.05)),
     ("order-2", "order-2 drafts", dict(order=2)),
+    ("subset", "the check on a quarter of the video tokens (cheaper verification)", dict(verify_tokens=0.25)),
+    ("first-block-subset", "the first-block check too, both on a quarter of the video tokens (thresholds x2)",
+     dict(verify_first=True, verify_tokens=0.25, tau0=0.012)),
 ]
 _MAG_CACHE_LOG_PREFIX = "MagCache Calibration Results: "
 
@@ -357,11 +360,11 @@ def select(methods: list[Method], only: str) -> list[Method]:
                                       for p in patterns)]
 
 
-def calibration_requests(n: int, steps: int, exclude_prompts: set[str]) -> list[SampleRequest]:
+def calibration_requests(w: World, n: int, steps: int, exclude_prompts: set[str]) -> list[SampleRequest]:
     """`n` held-out clips drawn apart from the evaluation set: other seeds, none of its prompts."""
-    out, seed = [], CALIBRATION_SEED_BASE
+    out, seed = [], w.eval_seed_base + CALIBRATION_SEED_OFFSET
     while len(out) < n:
-        spec = world.sample_spec(seed, split="eval")
+        spec = w.sample_eval(seed)
         if spec.prompt not in exclude_prompts and spec.prompt not in {r.prompt for r in out}:
             out.append(SampleRequest(prompt=spec.prompt, seed=seed, num_inference_steps=steps))
         seed += 1
@@ -436,12 +439,12 @@ def run_method(model, method: Method, requests: list[SampleRequest], measure: bo
     cache_bytes = (max(s.stats.cache_bytes for s in samples) if method.speca is not None
                    else memory["bytes"] if memory is not None else peer_bytes)
     return {"samples": samples, "flops": flops["flops"], "block_flops": flops["blocks"], "denoise": denoise,
-            "cache_bytes": cache_bytes}
+            "cache_bytes": cache_bytes, "world": world_of(model.info.path)}
 
 
-def verdicts(samples) -> list[dict[str, bool]]:
+def verdicts(w: World, samples) -> list[dict[str, bool]]:
     """The tiny world's scorer on each clip, per attribute."""
-    return [scorer.score(s.frames, s.request.prompt) for s in samples]
+    return [w.score(s.frames, s.request.prompt) for s in samples]
 
 
 def make_row(method: Method, result: dict | None, reference: dict, seconds: list[float], ref_seconds: list[float],
@@ -454,11 +457,12 @@ def make_row(method: Method, result: dict | None, reference: dict, seconds: list
     pairs = list(zip(samples, reference["samples"]))
     psnrs = [psnr(s.frames, r.frames) for s, r in pairs]
     ssims = [ssim(s.frames, r.frames) for s, r in pairs]
-    ref_verdicts = reference.get("verdicts") or verdicts(reference["samples"])
-    mine = verdicts(samples)
+    w = reference["world"]
+    ref_verdicts = reference.get("verdicts") or verdicts(w, reference["samples"])
+    mine = verdicts(w, samples)
     failures = [{"prompt": s.request.prompt, "psnr": p, "flipped": sorted(k for k in v if v[k] != rv[k])}
                 for s, p, v, rv in zip(samples, psnrs, mine, ref_verdicts) if p < FAILURE_PSNR_DB or v != rv]
-    adh = scorer.accuracy(mine)
+    adh = w.scorer.accuracy(mine)
     full = [s.stats.full_steps + s.stats.spec_rejected for s in samples] if method.speca is not None else None
     capped = np.minimum(psnrs, PSNR_CAP_DB)
     flops_speedup = reference["flops"] / result["flops"]
@@ -552,7 +556,7 @@ def main(argv: list[str] | None = None) -> None:
                                                            "folder / hub id (default: bundled)")
     parser.add_argument("--prompts", type=int, default=48, help="held-out evaluation prompts (default: 48)")
     parser.add_argument("--prompt-set", choices=("evaluation", "calibration"), default="evaluation",
-                        help="evaluation: the held-out evaluation prompts (world.eval_specs); calibration: as many "
+                        help="evaluation: the held-out evaluation prompts (the model's world's evaluation set); calibration: as many "
                              "other held-out prompts, none of them an evaluation prompt, for tuning presets "
                              "(default: evaluation)")
     parser.add_argument("--steps", type=int, default=50, help="denoising steps (default: 50)")
@@ -583,12 +587,13 @@ def main(argv: list[str] | None = None) -> None:
         write_report(rows, data, Path(args.out))
         return
     model = None  # loaded after --list
-    specs = world.eval_specs(args.prompts)
-    requests = [SampleRequest(prompt=s.prompt, seed=world.EVAL_SEED_BASE + i, num_inference_steps=args.steps)
+    w = world_of(resolve_model_path(args.model))
+    specs = w.eval_set(args.prompts)
+    requests = [SampleRequest(prompt=s.prompt, seed=w.eval_seed_base + i, num_inference_steps=args.steps)
                 for i, s in enumerate(specs)]
-    calibration = calibration_requests(args.calibration_prompts, args.steps, {s.prompt for s in specs})
+    calibration = calibration_requests(w, args.calibration_prompts, args.steps, {s.prompt for s in specs})
     if args.prompt_set == "calibration":  # tuning: never the evaluation prompts
-        requests = calibration_requests(args.prompts, args.steps, {s.prompt for s in specs})
+        requests = calibration_requests(w, args.prompts, args.steps, {s.prompt for s in specs})
 
     @cache
     def mag_ratios() -> list[float]:
@@ -611,7 +616,7 @@ def main(argv: list[str] | None = None) -> None:
     ref_method = Method("no cache", "reference", "reference")
     print("[bench.caching] no cache", flush=True)
     reference = run_method(model, ref_method, requests)
-    reference["verdicts"] = verdicts(reference["samples"])
+    reference["verdicts"] = verdicts(w, reference["samples"])
     results: dict[str, dict] = {}
     errors: dict[str, str] = {}
 

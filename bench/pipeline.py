@@ -86,11 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def write_manifest(path: Path, n: int, steps: int | None) -> Path:
-    """N held-out prompts of the tiny world with their evaluation seeds."""
-    from pipeline.tiny import world
+    """N held-out prompts of the bundled model's world with their evaluation seeds."""
+    from pipeline.loading import bundled_model_dir
+    from pipeline.tiny.worlds import world_of
 
-    specs = world.eval_specs(n)
-    columns = {"prompt": [s.prompt for s in specs], "seed": [world.EVAL_SEED_BASE + i for i in range(n)]}
+    w = world_of(bundled_model_dir())
+    specs = w.eval_set(n)
+    columns = {"prompt": [s.prompt for s in specs], "seed": [w.eval_seed_base + i for i in range(n)]}
     if steps is not None:
         columns["num_inference_steps"] = [steps] * n
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -25,10 +25,7 @@ import argparse
 import json
 import platform
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import torch
@@ -37,40 +34,13 @@ from pipeline.config import ModelConfig, SampleRequest
 from pipeline.generate import Generator
 from pipeline.loading import load_pipeline
 from pipeline.quality import psnr
-from pipeline.tiny import scorer, scorer_v2, world, world_v2
-
-
-@dataclass(frozen=True)
-class World:
-    """What a model version is evaluated on: its held-out set, renderer and scorer."""
-
-    name: str
-    eval_set: Callable[[int], list]
-    render: Callable[[object], np.ndarray]
-    scorer: ModuleType
-    held_out: Callable[[object], bool]  # does the clip use a (colour, shape) pair held out of training
-
-
-WORLDS = {
-    "v1": World("v1", world.eval_specs, world.render, scorer, lambda s: (s.color, s.shape) in world.HELD_OUT_PAIRS),
-    "v2": World("v2", world_v2.eval_scenes, world_v2.render, scorer_v2,
-                lambda s: any((o.color, o.shape) in world.HELD_OUT_PAIRS for o in s.objects)),
-}
-
-
-def world_of(model) -> World:
-    """The world named in the model folder's generation_config.json (models without the key are v1)."""
-    config = Path(model.info.path) / "generation_config.json"
-    name = json.loads(config.read_text()).get("world", "v1") if config.is_file() else "v1"
-    if name not in WORLDS:
-        raise ValueError(f"{config}: world {name!r} is not one of {sorted(WORLDS)}")
-    return WORLDS[name]
+from pipeline.tiny.worlds import World, world_of
 
 
 def _requests(w: World, n: int, steps: int | None = None) -> tuple[list, list[SampleRequest]]:
     specs = w.eval_set(n)
     extra = {"num_inference_steps": steps} if steps else {}
-    return specs, [SampleRequest(prompt=s.prompt, seed=world.EVAL_SEED_BASE + i, **extra) for i, s in enumerate(specs)]
+    return specs, [SampleRequest(prompt=s.prompt, seed=w.eval_seed_base + i, **extra) for i, s in enumerate(specs)]
 
 
 def adherence(gen: Generator, w: World, n: int) -> dict:
@@ -233,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     model = load_pipeline(ModelConfig(model=args.model, device=args.device))
-    w = world_of(model)
+    w = world_of(model.info.path)
     gen = Generator(model)
     adh = adherence(gen, w, args.prompts)
     real = realism(gen, w, adh["samples"], args.prompts, args.realism_steps)

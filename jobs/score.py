@@ -39,9 +39,11 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from pipeline.loading import bundled_model_dir
 from pipeline.quality import psnr, ssim, temporal_flickering
 from pipeline.stats import SampleStats, from_table, read_stats
 from pipeline.storage import Storage, StorageError
+from pipeline.tiny.worlds import World, world_of
 from pipeline.video_io import decode_mp4
 from pipeline.writer import video_path
 
@@ -125,11 +127,9 @@ def _read_video(storage: Storage, sample_id: str, what: str) -> bytes:
                          f"{video_path(sample_id)}") from e
 
 
-def _adherence(frames: np.ndarray, prompt: str) -> dict[str, float]:
-    from pipeline.tiny import scorer
-
+def _adherence(w: World, frames: np.ndarray, prompt: str) -> dict[str, float]:
     try:
-        result = scorer.score(frames, prompt)
+        result = w.score(frames, prompt)
     except ValueError:  # prompt outside the tiny world's grammar
         return {}
     return {**{f"adherence_{k}": float(v) for k, v in result.items()}, "adherence_all": float(all(result.values()))}
@@ -180,7 +180,7 @@ def score_run(args) -> dict:
     if dims or want_lpips:
         python = vbench_env.ensure_env(Path(args.vbench_env or vbench_env.default_env_dir()), log=_log)
 
-    bundled = record.get("model") == "bundled"
+    world = world_of(bundled_model_dir()) if record.get("model") == "bundled" else None
     ranks = int((record.get("config") or {}).get("ranks_per_replica") or 1)
     rows = []
     strips, ref_strips = {}, {}  # JPEG bytes per id; a few KB each, written only for the clips the gallery shows
@@ -210,10 +210,10 @@ def score_run(args) -> dict:
                 row["psnr"], row["ssim"] = psnr(frames, ref_frames), ssim(frames, ref_frames)
                 row["identical_to_reference"] = bool(math.isinf(row["psnr"]))
                 ref_strips[s.id] = frame_strip(ref_frames)
-            if bundled:
-                row.update(_adherence(frames, s.prompt))
+            if world is not None:
+                row.update(_adherence(world, frames, s.prompt))
                 if reference is not None and "adherence_all" in row:
-                    row["reference_adherence_all"] = _adherence(ref_frames, s.prompt)["adherence_all"]
+                    row["reference_adherence_all"] = _adherence(world, ref_frames, s.prompt)["adherence_all"]
             rows.append(row)
             if (i + 1) % 10 == 0 or i + 1 == len(samples):
                 _log(f"[jobs.score] decoded and measured {i + 1}/{len(samples)} videos ({time.time() - started:.0f} s)")

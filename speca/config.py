@@ -40,6 +40,12 @@ class SpeCaConfig:
             larger of the two checks. The last-block check alone compares drafts with drafts, so a
             self-consistent draft passes even when the latent has left the drafted trajectory;
             the first block sees that latent. Costs one more block per speculative step.
+        verify_tokens: share of the image tokens each check runs its block on (lean cache; 1 = all).
+            Below 1, a fixed spread-out subset of the image tokens (with all text tokens) goes through
+            the verified block(s) on its own, at full steps too, and the check compares that subset
+            function's drafted and real outputs; the stream leaving the verified block is then its
+            draft. A check then costs about this share of a block instead of a whole one (less: the
+            attention shrinks quadratically). Families without a token-subset rule refuse it.
         max_error_sum: a per-sample quality floor: a speculative run ends (full step) once the
             errors accepted since the last full step, plus this one, reach this sum; small errors
             that each pass add up along a run of drafts.
@@ -60,6 +66,7 @@ class SpeCaConfig:
     metric: str = "rel_l1"
     signal: str = "output"
     verify_first: bool = False
+    verify_tokens: float = 1.0
     max_error_sum: float = math.inf
     warmup_steps: int = 3
     min_spec: int = 0
@@ -81,6 +88,11 @@ class SpeCaConfig:
             bad("signal", self.signal, f"one of {SIGNALS}")
         if not isinstance(self.verify_first, bool):
             bad("verify_first", self.verify_first, "True or False")
+        v = self.verify_tokens
+        if not isinstance(v, (int, float)) or not 0 < v <= 1:
+            bad("verify_tokens", v, "a share of the image tokens in (0, 1]")
+        if v < 1 and self.cache != "lean":
+            bad("verify_tokens", v, "1 with cache='module' (a token-subset check needs the lean cache)")
         v = self.max_error_sum
         if not isinstance(v, (int, float)) or math.isnan(v) or v <= 0:
             bad("max_error_sum", v, "a number > 0 (inf: no floor)")

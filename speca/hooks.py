@@ -30,7 +30,8 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from .config import SpeCaConfig
 from .controller import SampleRecord, StepController, error_from_partials, error_partials
 from .forecast import NewtonForecaster
-from .registry import BlockSpec, FamilySpec, family_for
+from .flops import block_flops
+from .registry import BlockSpec, FamilySpec, family_for, subset_index
 
 _ROOT_HOOK = "speca_root"
 _BLOCK_HOOK = "speca_block"
@@ -92,6 +93,7 @@ class _Pass:
     step: int
     forecaster: NewtonForecaster
     checks: list[torch.Tensor] = field(default_factory=list)  # (B, 2) error partials per verified block
+    blocks: float = 0.0  # blocks executed, a token-subset run counted as its share of a block's FLOPs
 
     def record(self, key: str, value: torch.Tensor) -> None:
         self.forecaster.update(key, self.rows, self.step, value)
@@ -132,6 +134,16 @@ class SpeCaSession:
         # Blocks a draft pass executes: the verified one, (lean cache) those after it, the first one
         # when it is verified too.
         self.draft_blocks = 1 + (blocks_after if config.cache == "lean" else 0) + int(self.verify_first)
+        if config.verify_tokens < 1:
+            self.draft_blocks -= 1 + int(self.verify_first)  # the checks run on a token subset instead
+            if error_reduce is not None or valid_tokens is not None:
+                raise ValueError(f"SpeCaConfig.verify_tokens={config.verify_tokens} is not supported with sequence "
+                                 "parallelism (each rank would draw its own token subset); use 1")
+            checked = [self.verify_index] + ([0] if self.verify_first else [])
+            for i in checked:
+                if self.blocks[i][1].subset is None:
+                    raise ValueError(f"SpeCaConfig.verify_tokens={config.verify_tokens}: {family.name}'s block "
+                                     f"{type(self.blocks[i][0]).__name__} has no token-subset rule; use 1")
         self.states = _ContextStates(_ContextState)
         self.controller: StepController | None = None
         self.leader: str | None = None
@@ -252,8 +264,8 @@ class _SpeCaRootHook(ModelHook):
         draft_rows = [r for r in range(batch) if speculate[sample_of[r]] and (leader or accepted[sample_of[r]])]
         out = None
         if draft_rows:
-            draft_out, partials = self._pass(module, a, "draft", draft_rows, step, st.forecaster, batch)
-            ctrl.count_blocks(sorted({sample_of[r] for r in draft_rows}), s.draft_blocks, 0)
+            draft_out, partials, blocks = self._pass(module, a, "draft", draft_rows, step, st.forecaster, batch)
+            ctrl.count_blocks(sorted({sample_of[r] for r in draft_rows}), blocks, 0)
             if leader:
                 accepted = _decide(s, step, speculate, [sample_of[r] for r in draft_rows], partials)
             out = torch.empty((batch, *draft_out.shape[1:]), dtype=draft_out.dtype, device=draft_out.device)
@@ -262,9 +274,9 @@ class _SpeCaRootHook(ModelHook):
             accepted = ctrl.decide(step, speculate, {})
         full_rows = [r for r in range(batch) if not (speculate[sample_of[r]] and accepted[sample_of[r]])]
         if full_rows:
-            full_out, _ = self._pass(module, a, "full", full_rows, step, st.forecaster, batch)
+            full_out, _, blocks = self._pass(module, a, "full", full_rows, step, st.forecaster, batch)
             st.forecaster.commit(step)
-            ctrl.count_blocks(sorted({sample_of[r] for r in full_rows}), s.num_blocks, 0)
+            ctrl.count_blocks(sorted({sample_of[r] for r in full_rows}), blocks, 0)
             if out is None:
                 out = full_out
             else:
@@ -274,7 +286,7 @@ class _SpeCaRootHook(ModelHook):
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 
     def _pass(self, module, a: dict, mode: str, rows: list[int], step: int, forecaster: NewtonForecaster,
-              batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+              batch: int) -> tuple[torch.Tensor, torch.Tensor | None, float]:
         kwargs = dict(a)
         if len(rows) != batch:
             index = torch.tensor(rows, device=a["hidden_states"].device)
@@ -288,7 +300,7 @@ class _SpeCaRootHook(ModelHook):
             out = self.fn_ref.original_forward(**kwargs, return_dict=False)[0]
         finally:
             self.active.current = None
-        return out, torch.cat(current.checks, dim=1) if current.checks else None
+        return out, torch.cat(current.checks, dim=1) if current.checks else None, current.blocks
 
 
 class _SpeCaBlockHook(ModelHook):
@@ -317,38 +329,62 @@ class _SpeCaBlockHook(ModelHook):
         call = self._signature.bind(*args, **kwargs)
         call.apply_defaults()
         streams = {name: call.arguments[name] for name in spec.streams}
+        image = spec.image
 
-        def run(replaced: dict | None = None):
+        def run(replaced: dict | None = None, cost: float = 1.0):
+            p.blocks += cost
             if replaced is None:
                 return original(*args, **kwargs)
             b = inspect.BoundArguments(self._signature, {**call.arguments, **replaced})
             return original(*b.args, **b.kwargs)
 
+        def run_subset(replaced: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            """The block on the check's token subset: (its image stream in, its image stream out)."""
+            full = {**call.arguments, **(replaced or {})}
+            video, text = full[image], sum(full[n].shape[1] for n in spec.streams if n != image)
+            sub = spec.subset(full, subset_index(video.shape[1], self.config.verify_tokens, video.device))
+            n = sub[image].shape[1]
+            share = block_flops(video.shape[-1], n + text) / block_flops(video.shape[-1], video.shape[1] + text)
+            return sub[image], spec.unpack(run(sub, share))[image]
+
         lean = self.config.cache == "lean"
-        image = spec.image
+        subset = self.config.verify_tokens < 1
         if p.mode == "full":
             if lean and self.is_verify:
                 for name, value in streams.items():
                     p.record(f"in.{name}", value)
                 out = run()
                 p.record("out", spec.unpack(out)[image])
+                if subset:
+                    p.record("sub.out", run_subset()[1])
                 return out
             if lean and self.is_first_check:
                 out = run()
-                p.record("first.out", spec.unpack(out)[image])
+                if subset:
+                    p.record("first.sub", run_subset()[1])
+                else:
+                    p.record("first.out", spec.unpack(out)[image])
                 return out
             return run()
         # Draft pass.
         if lean:
             if self.is_first_check:  # the real latent through the first block, against its draft
-                real = run()
-                p.checks.append(self.measure(p.draft("first.out"), spec.unpack(real)[image], streams[image]))
+                if subset:
+                    x, real = run_subset()
+                    p.checks.append(self.measure(p.draft("first.sub"), real, x))
+                else:
+                    real = run()
+                    p.checks.append(self.measure(p.draft("first.out"), spec.unpack(real)[image], streams[image]))
                 return spec.pack(streams)
             if self.before_verify:
                 return spec.pack(streams)  # skipped: re-drafted at the verified block
             if not self.is_verify:
                 return run()
             drafted_in = {name: p.draft(f"in.{name}") for name in spec.streams}
+            if subset:
+                x, real = run_subset(drafted_in)
+                p.checks.append(self.measure(p.draft("sub.out"), real, x))
+                return spec.pack({**drafted_in, image: p.draft("out")})
             real = run(drafted_in)
             p.checks.append(self.measure(p.draft("out"), spec.unpack(real)[image], drafted_in[image]))
             return real

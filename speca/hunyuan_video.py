@@ -16,7 +16,7 @@ from diffusers.models.transformers.transformer_hunyuan_video import (HunyuanVide
 from .blocks import redraft_dual_stream, redraft_joint
 from .config import SpeCaConfig
 from .flops import block_flops, speculative_fraction
-from .registry import BlockSpec, FamilySpec, register
+from .registry import BlockSpec, FamilySpec, register, subset_size
 
 STREAMS = ("hidden_states", "encoder_hidden_states")
 
@@ -32,6 +32,23 @@ def _redraft_single(block, streams: dict, args: dict, cached) -> dict:
     return {"hidden_states": joint[:, :video.shape[1]], "encoder_hidden_states": joint[:, video.shape[1]:]}
 
 
+def _subset(rotary: str):
+    def subset(args: dict, index: torch.Tensor) -> dict:
+        """Video tokens at `index` with all text tokens: the rotary tables (video rows) and the joint
+        attention mask (B, 1, 1, video + text) follow them."""
+        video = args["hidden_states"]
+        out = {**args, "hidden_states": video.index_select(1, index)}
+        if args.get(rotary) is not None:
+            out[rotary] = tuple(t.index_select(0, index.to(t.device)) for t in args[rotary])
+        mask = args.get("attention_mask")
+        if mask is not None:
+            text = torch.arange(video.shape[1], mask.shape[-1], device=index.device)
+            out["attention_mask"] = mask.index_select(-1, torch.cat([index, text]).to(mask.device))
+        return out
+
+    return subset
+
+
 FAMILY = register(FamilySpec(
     name="HunyuanVideo",
     model_class=HunyuanVideoTransformer3DModel,
@@ -39,8 +56,9 @@ FAMILY = register(FamilySpec(
     blocks={
         HunyuanVideoTransformerBlock: BlockSpec(
             STREAMS, STREAMS, {"attn": ("attn", "attn_context"), "ff": ("ff",), "ff_context": ("ff_context",)},
-            _redraft_double),
-        HunyuanVideoSingleTransformerBlock: BlockSpec(STREAMS, STREAMS, {"proj_out": ("proj_out",)}, _redraft_single),
+            _redraft_double, subset=_subset("freqs_cis")),  # the dual-stream block's name for the rotary tables
+        HunyuanVideoSingleTransformerBlock: BlockSpec(STREAMS, STREAMS, {"proj_out": ("proj_out",)}, _redraft_single,
+                                                      subset=_subset("image_rotary_emb")),
     },
     batched_args=("hidden_states", "encoder_hidden_states", "encoder_attention_mask", "pooled_projections",
                   "timestep", "guidance"),
@@ -80,12 +98,17 @@ def estimate_cache_bytes(transformer_config, config: SpeCaConfig, video_tokens: 
     rank's video tokens). `contexts` = 2 with true CFG (cond and uncond keep separate caches).
 
     lean:   (order + 1) x [streams into the verified block (video + text) + video stream out of it
-                           (+ the first block's video stream out, with verify_first)]
+                           (+ the first block's video stream out, with verify_first; with
+                           verify_tokens < 1 each check keeps its subset's video stream out, and the
+                           first block's full one is not kept)]
     module: (order + 1) x [per dual-stream block: attention and MLP outputs of both streams;
                            per single-stream block: the output projection over video + text]
     """
     if config.cache == "lean":
-        tokens = 2 * video_tokens + text_tokens + (video_tokens if config.verify_first else 0)
+        checked = video_tokens if config.verify_tokens >= 1 else subset_size(video_tokens, config.verify_tokens)
+        tokens = 2 * video_tokens + text_tokens + (checked if config.verify_first else 0)
+        if config.verify_tokens < 1:
+            tokens += checked
     else:
         tokens = (int(transformer_config["num_layers"]) * 2 * (video_tokens + text_tokens)
                   + int(transformer_config["num_single_layers"]) * (video_tokens + text_tokens))

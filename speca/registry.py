@@ -28,6 +28,10 @@ class BlockSpec:
             outputs replaced by `cached(key)` drafts; gates and residual adds are computed for
             real from this step's inputs. `arguments` are all of the block's bound arguments.
         image: the stream SpeCa verifies (image or video tokens, never the text stream).
+        subset: `(arguments, index) -> arguments`: the block's bound arguments restricted to the
+            image tokens at `index` (a 1-D index into the image stream's token dimension), every
+            per-token argument (masks, rotary tables) with them; text tokens stay whole. None: the
+            block cannot be checked on a token subset (`SpeCaConfig.verify_tokens` < 1 is refused).
     """
 
     streams: tuple[str, ...]
@@ -35,6 +39,7 @@ class BlockSpec:
     captures: Mapping[str, tuple[str, ...]]
     redraft: Callable[[torch.nn.Module, dict, dict, Callable[[str], torch.Tensor]], dict]
     image: str = "hidden_states"
+    subset: Callable[[dict, torch.Tensor], dict] | None = None
 
     def __post_init__(self) -> None:
         if set(self.streams) != set(self.returns) or self.image not in self.streams:
@@ -110,3 +115,15 @@ def family_for(transformer) -> FamilySpec:
             return family
     raise TypeError(f"SpeCa does not support {type(transformer).__name__}; supported families: "
                     f"{', '.join(supported())}")
+
+
+def subset_size(image_tokens: int, share: float) -> int:
+    """Image tokens a token-subset check runs on (`SpeCaConfig.verify_tokens`), at least one."""
+    return max(1, round(share * image_tokens))
+
+
+def subset_index(image_tokens: int, share: float, device=None) -> torch.Tensor:
+    """The check's token subset: a fixed draw spread over the whole clip (seeded, so every call,
+    sample and rank of a run uses the same one), in token order."""
+    gen = torch.Generator().manual_seed(image_tokens)
+    return torch.randperm(image_tokens, generator=gen)[:subset_size(image_tokens, share)].sort().values.to(device)

@@ -8,12 +8,14 @@ import math
 import pytest
 
 from bench import caching
-from pipeline.tiny import world
+from pipeline.loading import bundled_model_dir
+from pipeline.tiny.worlds import world_of
 
 SPECA = ["speca-default", "speca-default-b1", "speca-reference-1.0"]
 WORKING = [*SPECA, "magcache-0.06", "pab-2-branch", "fastercache-2-branch", "fewer-steps-5"]
 FAILING = "fastercache-cfg"  # FasterCache's CFG cache cannot run with CFG as two calls: an error row
 PROMPTS, STEPS = 2, 10
+WORLD = world_of(bundled_model_dir())
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +52,7 @@ def test_uncached_runs_reproduce_exactly_and_a_cached_run_does_not(tiny_model):
     from pipeline.config import SampleRequest
     from speca import SpeCaConfig
 
-    requests = [SampleRequest(prompt=world.eval_specs(1)[0].prompt, seed=world.EVAL_SEED_BASE, num_inference_steps=6)]
+    requests = [SampleRequest(prompt=WORLD.eval_set(1)[0].prompt, seed=WORLD.eval_seed_base, num_inference_steps=6)]
     ref = caching.Method("no cache", "reference", "reference")
     speca = caching.Method("SpeCa, every draft accepted", "speca", "speca-inf",
                            SpeCaConfig(tau0=math.inf, tau_min=math.inf, warmup_steps=2, max_spec=3), batch=1)
@@ -103,7 +105,7 @@ def test_mag_cache_calibrated_on_other_prompts(report):
     _, md, data, _ = report
     ratios = data["mag_ratios"]
     assert len(ratios) == STEPS and ratios[0] == 1.0 and all(0.5 < x < 2.0 for x in ratios)
-    eval_prompts = {s.prompt for s in world.eval_specs(PROMPTS)}
+    eval_prompts = {s.prompt for s in WORLD.eval_set(PROMPTS)}
     assert len(data["calibration_prompts"]) == 1 and not set(data["calibration_prompts"]) & eval_prompts
     assert f"{ratios[1]:.4f}" in md
 
@@ -225,7 +227,7 @@ def test_calibration_prompt_set_avoids_the_evaluation_prompts(tmp_path):
                   "--out", str(out)])
     data = json.loads(out.with_suffix(".json").read_text())
     assert data["prompt_set"] == "calibration" and len(data["prompt_list"]) == 2
-    assert not set(data["prompt_list"]) & {s.prompt for s in world.eval_specs(2)}
+    assert not set(data["prompt_list"]) & {s.prompt for s in WORLD.eval_set(2)}
     assert "held-out calibration prompts" in out.read_text()
 
 

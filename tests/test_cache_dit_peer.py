@@ -19,15 +19,16 @@ cache_dit = pytest.importorskip("cache_dit")
 from bench import caching  # noqa: E402
 from bench.cache_dit_peer import BLOCK_LISTS, CacheDitSetting, cache_bytes, cached_calls, disable  # noqa: E402
 from pipeline.generate import Generator  # noqa: E402
-from pipeline.tiny import world  # noqa: E402
+from pipeline.tiny.worlds import world_of  # noqa: E402
 
 STEPS = 10
 CACHING = CacheDitSetting("cache-dit DBCache F1B0 t=0.2", "cachedit-test", Fn=1, Bn=0, threshold=0.2, warmup=2)
 
 
 @pytest.fixture(scope="module")
-def requests():
-    return caching.calibration_requests(2, STEPS, {s.prompt for s in world.eval_specs(8)})
+def requests(tiny_model):
+    w = world_of(tiny_model.info.path)
+    return caching.calibration_requests(w, 2, STEPS, {s.prompt for s in w.eval_set(8)})
 
 
 @pytest.fixture

@@ -23,7 +23,8 @@ from jobs.generate import main as generate
 from jobs.vbench_scores import NORMALIZE, aggregate
 from pipeline.quality import psnr, temporal_flickering
 from pipeline.video_io import decode_mp4
-from pipeline.tiny import world
+from pipeline.loading import bundled_model_dir
+from pipeline.tiny.worlds import world_of
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -86,10 +87,11 @@ def scored_runs(tmp_path_factory, local_ray):
     root = tmp_path_factory.mktemp("runs")
     env = pytest.MonkeyPatch()
     env.setenv("VBENCH_CACHE_DIR", str(root / "vbench-cache"))
-    specs = world.eval_specs(3)
+    w = world_of(bundled_model_dir())
+    specs = w.eval_set(3)
     manifest = root / "prompts.parquet"
     pq.write_table(pa.table({"id": [f"clip-{i}" for i in range(3)], "prompt": [s.prompt for s in specs],
-                             "seed": [world.EVAL_SEED_BASE + i for i in range(3)]}), manifest)
+                             "seed": [w.eval_seed_base + i for i in range(3)]}), manifest)
     ref, run = root / "reference", root / "speca"
     common = ["--manifest", str(manifest), "--batch-size", "3", "--crf", "0"]
     assert generate([*common, "--output", str(ref), "--speca", "off"]) == 0

@@ -6,7 +6,7 @@ patches are 16 tokens. DiTPipeline runs CFG as one concatenated batch `[x, x]` /
 import pytest
 import torch
 
-from speca import SpeCaConfig, apply_speca, disable_speca
+from speca import SpeCaConfig, apply_speca, disable_speca, get_session
 from speca import dit as dit_family
 from speca.controller import StepController
 from speca_tester import SpeCaFamilyTests
@@ -125,3 +125,9 @@ def test_dit_blocks_with_cross_attention_are_refused():
     with pytest.raises(ValueError, match=r"transformer_blocks\[0\] has norm_type='ada_norm'"):
         apply_speca(t, SpeCaConfig())
     assert getattr(t, "_speca_session", None) is None
+
+
+def test_token_subset_check_is_refused_without_a_subset_rule(dit_pipe):
+    with pytest.raises(ValueError, match="verify_tokens=0.5: DiT's block BasicTransformerBlock has no token-subset"):
+        apply_speca(dit_pipe, SpeCaConfig(verify_tokens=0.5))
+    assert get_session(dit_pipe) is None

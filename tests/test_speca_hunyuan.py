@@ -49,11 +49,12 @@ def forced(monkeypatch):
     return Forcing
 
 
-@pytest.mark.parametrize("cache", ["lean", "module"])
+@pytest.mark.parametrize("cache,checks", [("lean", {}), ("module", {}), ("lean", {"verify_tokens": 0.25})])
 @pytest.mark.parametrize("cfg", [False, True])
-def test_threshold_zero_reproduces_uncached(tiny_pipe, cache, cfg):
+def test_threshold_zero_reproduces_uncached(tiny_pipe, cache, checks, cfg):
     base = run(tiny_pipe, [0, 1], cfg)
-    session = apply_speca(tiny_pipe, SpeCaConfig(cache=cache, tau0=0.0, tau_min=0.0, min_spec=0, warmup_steps=1))
+    session = apply_speca(tiny_pipe, SpeCaConfig(cache=cache, tau0=0.0, tau_min=0.0, min_spec=0, warmup_steps=1,
+                                                 **checks))
     out = run(tiny_pipe, [0, 1], cfg)
     assert (out - base).abs().max().item() <= 1e-6
     assert [s.step_pattern for s in session.stats()] == ["F" + "R" * (STEPS - 1)] * 2
@@ -95,14 +96,17 @@ def test_unbounded_threshold_is_fixed_interval_taylorseer(tiny_pipe, monkeypatch
     assert ((ours - theirs).abs().max() / theirs.abs().max()).item() <= 1e-5
 
 
-@pytest.mark.parametrize("cache", ["lean", "module"])
-def test_batch_with_mixed_decisions_equals_alone(tiny_pipe, forced, cache):
-    cfg = SpeCaConfig(cache=cache, tau0=math.inf, tau_min=math.inf, warmup_steps=2, max_spec=4)
+SUBSET = {"verify_tokens": 0.25, "verify_first": True}  # both checks on a quarter of the video tokens
+
+
+@pytest.mark.parametrize("cache,checks", [("lean", {}), ("module", {}), ("lean", SUBSET)])
+def test_batch_with_mixed_decisions_equals_alone(tiny_pipe, forced, cache, checks):
+    cfg = SpeCaConfig(cache=cache, tau0=math.inf, tau_min=math.inf, warmup_steps=2, max_spec=4, **checks)
     forced.reject = {(1, 3), (3, 3), (3, 4), (2, 7)}
-    rows_seen = []  # rows of every full pass, seen by a module that only full passes run
+    rows_seen = []  # rows of every full pass, seen by a module that only full passes run (not a checked block)
     session = apply_speca(tiny_pipe, cfg)
     counter, step = step_counter(tiny_pipe.transformer)
-    hook = tiny_pipe.transformer.transformer_blocks[0].ff.register_forward_hook(
+    hook = tiny_pipe.transformer.transformer_blocks[1].ff.register_forward_hook(
         lambda m, i, o: rows_seen.append((step(), o.shape[0])))
     try:
         forced.batch = [0, 1, 2, 3]
@@ -293,10 +297,12 @@ def _check_errors(pipe, config, perturb_at=None):
         disable_speca(pipe)
 
 
-def test_first_block_check_sees_the_real_latent(tiny_pipe):
+@pytest.mark.parametrize("verify_tokens", [1.0, 0.25])
+def test_first_block_check_sees_the_real_latent(tiny_pipe, verify_tokens):
     """The paper's last-block check compares drafts with drafts: a latent that left the drafted trajectory
-    leaves its error unchanged. The first-block check runs on the real latent and sees it."""
-    always = dict(tau0=math.inf, tau_min=math.inf, warmup_steps=3, max_spec=STEPS)
+    leaves its error unchanged. The first-block check runs on the real latent and sees it (on a token
+    subset too)."""
+    always = dict(tau0=math.inf, tau_min=math.inf, warmup_steps=3, max_spec=STEPS, verify_tokens=verify_tokens)
     plain = SpeCaConfig(**always)
     first = SpeCaConfig(verify_first=True, **always)
     # Steps 0-2 run in full; the drafts from step 3 on are all accepted; the latent is replaced after step 3.
@@ -314,3 +320,47 @@ def test_delta_signal_is_not_diluted_by_the_residual_stream(tiny_pipe):
     delta = _check_errors(tiny_pipe, SpeCaConfig(signal="delta", **always))
     assert len(output) == len(delta) == STEPS - 3
     assert all(d > 1.5 * o > 0 for o, d in zip(output, delta))
+
+
+@pytest.mark.parametrize("verify_first", [False, True])
+def test_token_subset_check_reads_like_the_full_check(tiny_pipe, verify_first):
+    """A quarter of the video tokens through the verified block(s) gives errors within -20% / +50% of the
+    full check's at every step of a run of drafts, and they grow along the run as the full check's do."""
+    always = dict(tau0=math.inf, tau_min=math.inf, warmup_steps=3, max_spec=STEPS, verify_first=verify_first)
+    full = _check_errors(tiny_pipe, SpeCaConfig(**always))
+    subset = _check_errors(tiny_pipe, SpeCaConfig(verify_tokens=0.25, **always))
+    assert len(full) == len(subset) == STEPS - 3
+    assert all(0.8 * f < s < 1.5 * f for f, s in zip(full, subset)), (full, subset)
+    assert subset == sorted(subset) and full == sorted(full)
+
+
+def test_token_subset_check_costs_its_share(tiny_pipe):
+    """Same step pattern, cheaper checks: the compute SpeCa reports matches the FLOPs that hooks count in
+    the blocks (bench.caching's counter: linear layers and attention calls), within 3%."""
+    from bench.caching import count_block_flops
+
+    always = dict(tau0=math.inf, tau_min=math.inf, warmup_steps=2, max_spec=4)
+    with count_block_flops(tiny_pipe.transformer) as uncached:
+        run(tiny_pipe, [0, 1])
+    spent, patterns = {}, {}
+    for share in (1.0, 0.25):
+        session = apply_speca(tiny_pipe, SpeCaConfig(verify_tokens=share, **always))
+        with count_block_flops(tiny_pipe.transformer) as counted:
+            run(tiny_pipe, [0, 1])
+        stats = session.stats()
+        disable_speca(tiny_pipe)
+        patterns[share] = [s.step_pattern for s in stats]
+        spent[share] = sum(s.compute_ratio for s in stats) / len(stats)
+        assert spent[share] == pytest.approx(counted["flops"] / uncached["flops"], rel=0.03)
+    assert patterns[1.0] == patterns[0.25]
+    full_steps = patterns[1.0][0].count("F") / STEPS
+    assert full_steps < spent[0.25] < spent[1.0]
+
+
+def test_token_subset_check_is_refused_where_it_cannot_run(tiny_pipe):
+    with pytest.raises(ValueError, match="SpeCaConfig.verify_tokens=0.5"):
+        SpeCaConfig(verify_tokens=0.5, cache="module")
+    with pytest.raises(ValueError, match="SpeCaConfig.verify_tokens=0"):
+        SpeCaConfig(verify_tokens=0.0)
+    with pytest.raises(ValueError, match="verify_tokens=0.5 is not supported with sequence parallelism"):
+        apply_speca(tiny_pipe, SpeCaConfig(verify_tokens=0.5), error_reduce=lambda partials: partials)
