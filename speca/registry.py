@@ -8,6 +8,7 @@ duck-typing attribute names.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -122,8 +123,13 @@ def subset_size(image_tokens: int, share: float) -> int:
     return max(1, round(share * image_tokens))
 
 
-def subset_index(image_tokens: int, share: float, device=None) -> torch.Tensor:
-    """The check's token subset: a fixed draw spread over the whole clip (seeded, so every call,
-    sample and rank of a run uses the same one), in token order."""
+@functools.lru_cache(maxsize=16)
+def _subset_draw(image_tokens: int, share: float) -> torch.Tensor:
     gen = torch.Generator().manual_seed(image_tokens)
-    return torch.randperm(image_tokens, generator=gen)[:subset_size(image_tokens, share)].sort().values.to(device)
+    return torch.randperm(image_tokens, generator=gen)[:subset_size(image_tokens, share)].sort().values
+
+
+def subset_index(image_tokens: int, share: float, device=None) -> torch.Tensor:
+    """The check's token subset: a fixed draw spread over the whole clip (seeded, so every call and
+    sample of a run uses the same one), in token order."""
+    return _subset_draw(image_tokens, share).to(device)
