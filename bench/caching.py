@@ -115,10 +115,13 @@ _MAG_CACHE_LOG_PREFIX = "MagCache Calibration Results: "
 @contextlib.contextmanager
 def count_block_flops(transformer):
     """Tally FLOPs of the linear layers and attention calls inside the transformer blocks while active:
-    in all (`flops`) and per block in execution order (`blocks`, for `projected_fraction`)."""
+    in all (`flops`) and per block in execution order (`blocks`), and per block the calls in which it
+    ran its attention (`ran`; a call a cache answered without attention does not count) and the
+    transformer's calls (`calls`), for `projected_fraction`."""
     blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
-    total = {"flops": 0.0, "blocks": [0.0] * len(blocks)}
+    total = {"flops": 0.0, "blocks": [0.0] * len(blocks), "ran": [0] * len(blocks), "calls": 0}
     inside: list[int] = []  # the block being run; attention elsewhere (refiner, text encoders, VAE) is not counted
+    attended: list[bool] = []  # per entry of `inside`: did this call run attention
     handles = []
 
     def add(flops: float) -> None:
@@ -130,11 +133,18 @@ def count_block_flops(transformer):
         add(2.0 * x.numel() / x.shape[-1] * module.in_features * module.out_features)
 
     def enter(index):
-        return lambda module, inputs: inside.append(index)
+        def hook(module, inputs):
+            inside.append(index)
+            attended.append(False)
+        return hook
 
     def leave(module, inputs, output):
-        inside.pop()
+        total["ran"][inside.pop()] += attended.pop()
 
+    def called(module, inputs):
+        total["calls"] += 1
+
+    handles.append(transformer.register_forward_pre_hook(called))
     for i, block in enumerate(blocks):
         handles += [block.register_forward_pre_hook(enter(i)), block.register_forward_hook(leave)]
         for m in block.modules():
@@ -148,6 +158,7 @@ def count_block_flops(transformer):
             k = kwargs["key"] if "key" in kwargs else args[1]
             # (B, heads, Nq, d) x (B, heads, Nk, d): scores and weighted sum, 2 x 2 x B x h x Nq x Nk x d
             add(4.0 * q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * q.shape[3])
+            attended[-1] = True
         return original(*args, **kwargs)
 
     F.scaled_dot_product_attention = sdpa
@@ -159,19 +170,22 @@ def count_block_flops(transformer):
             h.remove()
 
 
-def projected_fraction(blocks: list[float], reference_blocks: list[float], depth: int = HUNYUAN_DEPTH) -> float:
+def projected_fraction(blocks: list[float], reference_blocks: list[float], ran: list[int], calls: int,
+                       depth: int = HUNYUAN_DEPTH) -> float:
     """A method's share of the uncached block FLOPs, projected from this model's depth to `depth` blocks.
 
-    Each block's share is its FLOPs over the uncached run's. A block that ran at every call (share
-    >= 1: SpeCa's verified block, FirstBlockCache's and DBCache's compute blocks) is a fixed cost
-    that a deeper model pays once, not per layer; the other blocks' mean share stands for the rest
-    of the deeper model. A method that skips part of every block (attention caching) or whole
-    steps keeps its share. So a check that costs 1/6 of a step here costs 1/60 on HunyuanVideo,
-    neither hidden nor flattered by the shallow model.
+    Each block's share is its FLOPs over the uncached run's. A block that ran (its attention) in
+    every one of the method's `calls` of the transformer (SpeCa's verified blocks, on all tokens or a token subset;
+    FirstBlockCache's and DBCache's compute blocks) is a fixed cost that a deeper model pays once,
+    not per layer, at its own share; the other blocks' mean share stands for the rest of the deeper
+    model. A method that skips part of every block (attention caching) or whole steps keeps its
+    share. So a check that costs 1/6 of a step here costs 1/60 on HunyuanVideo, neither hidden nor
+    flattered by the shallow model.
     """
     shares = [b / r for b, r in zip(blocks, reference_blocks)]
-    fixed = [x for x in shares if x >= 1.0 - 1e-9]
-    rest = [x for x in shares if x < 1.0 - 1e-9]
+    always = [n >= calls for n in ran]
+    fixed = [x for x, a in zip(shares, always) if a]
+    rest = [x for x, a in zip(shares, always) if not a]
     if not rest or len(fixed) >= depth:
         return float(np.mean(shares))
     return (sum(fixed) + (depth - len(fixed)) * float(np.mean(rest))) / depth
@@ -438,7 +452,8 @@ def run_method(model, method: Method, requests: list[SampleRequest], measure: bo
         return {"denoise": denoise}
     cache_bytes = (max(s.stats.cache_bytes for s in samples) if method.speca is not None
                    else memory["bytes"] if memory is not None else peer_bytes)
-    return {"samples": samples, "flops": flops["flops"], "block_flops": flops["blocks"], "denoise": denoise,
+    return {"samples": samples, "flops": flops["flops"], "block_flops": flops["blocks"], "block_ran": flops["ran"],
+            "calls": flops["calls"], "denoise": denoise,
             "cache_bytes": cache_bytes, "world": world_of(model.info.path)}
 
 
@@ -469,7 +484,8 @@ def make_row(method: Method, result: dict | None, reference: dict, seconds: list
     wall = float(np.median(ref_seconds) / np.median(seconds)) if seconds else None
     row.update({
         "flops_speedup": flops_speedup,
-        "flops_speedup_60": 1.0 / projected_fraction(result["block_flops"], reference["block_flops"]),
+        "flops_speedup_60": 1.0 / projected_fraction(result["block_flops"], reference["block_flops"],
+                                                     result["block_ran"], result["calls"]),
         "wall_speedup": wall,
         "wall_share": wall / flops_speedup if wall is not None else None,
         "denoise_seconds": seconds,
@@ -837,7 +853,8 @@ def write_report(rows: list[dict], meta: dict, out: Path) -> None:
          "the method runs (text encoders, token refiner, embeddings and VAE are the same for all methods and left "
          "out)."),
         (f"At 60 blocks: the counted per-block FLOPs projected to HunyuanVideo's {HUNYUAN_DEPTH} blocks "
-         "(`projected_fraction`): a block that ran at every call (SpeCa's verified blocks, FirstBlockCache's and "
+         "(`projected_fraction`): a block that ran its attention at every call (SpeCa's verified blocks, on all "
+         "tokens or a token subset; FirstBlockCache's and "
          "DBCache's compute blocks) stays one block, a fixed cost; the other blocks' mean share stands for the rest. "
          "Methods that skip whole steps or part of every block keep their share."),
         (f"Wall speedup: the denoising loop only; median of {meta['repeats']} uninstrumented generation(s) per "

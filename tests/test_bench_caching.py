@@ -170,11 +170,17 @@ def test_projection_to_60_blocks_follows_the_step_patterns(report):
 
 def test_projected_fraction_keeps_fixed_blocks_and_scales_the_rest():
     ref = [10.0] * 6
-    assert caching.projected_fraction([5.0] * 6, ref) == pytest.approx(0.5)  # whole steps skipped: same share
+    assert caching.projected_fraction([5.0] * 6, ref, [5] * 6, 5) == pytest.approx(0.5)  # whole steps skipped
     first_always = [10.0] + [2.0] * 5  # one block at every call, the others at a fifth of the calls
-    assert caching.projected_fraction(first_always, ref, depth=6) == pytest.approx(sum(first_always) / 60)
-    deep = caching.projected_fraction(first_always, ref, depth=60)
+    ran = [10] + [2] * 5
+    assert caching.projected_fraction(first_always, ref, ran, 10, depth=6) == pytest.approx(sum(first_always) / 60)
+    deep = caching.projected_fraction(first_always, ref, ran, 10, depth=60)
     assert 0.2 < deep < sum(first_always) / 60  # the fixed block weighs 1/60 there, not 1/6
+    # A check on a token subset runs at every call for a fraction of a block's FLOPs: still a fixed cost.
+    subset = [3.0] + [2.0] * 5
+    assert caching.projected_fraction(subset, ref, ran, 10, depth=60) == pytest.approx((0.3 + 59 * 0.2) / 60)
+    # Runs alone (batch 1) make more calls than the batched reference; only the method's own calls count.
+    assert caching.projected_fraction(first_always, ref, [20] + [4] * 5, 20, depth=60) == pytest.approx(deep)
 
 
 def test_pareto_front_keeps_only_undominated_points():

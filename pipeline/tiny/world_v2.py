@@ -229,8 +229,8 @@ def render(scene: SceneSpec, height: int = HEIGHT, width: int = WIDTH, num_frame
 
 def eval_scenes(n: int = 48, *, height: int = HEIGHT, width: int = WIDTH,
                 num_frames: int = NUM_FRAMES) -> list[SceneSpec]:
-    """A fixed held-out set: unseen seeds, 1, 2 and 3 objects in turn; every third scene's first object is a
-    held-out (colour, shape) pair."""
+    """A fixed held-out set: unseen seeds; every third scene's first object is a held-out (colour, shape)
+    pair, and the object count (1, 2, 3) changes every three scenes, so both splits hold every count."""
     held = sorted(HELD_OUT_PAIRS)
     scenes = []
     for i in range(n):
@@ -238,6 +238,6 @@ def eval_scenes(n: int = 48, *, height: int = HEIGHT, width: int = WIDTH,
         if i % 3 == 0:
             color, shape = held[(i // 3) % len(held)]
             first = {"color": color, "shape": shape}
-        scenes.append(sample_scene(EVAL_SEED_BASE + i, count=1 + i % MAX_OBJECTS, objects=[first], height=height,
+        scenes.append(sample_scene(EVAL_SEED_BASE + i, count=1 + (i // 3) % MAX_OBJECTS, objects=[first], height=height,
                                    width=width, num_frames=num_frames, split="eval"))
     return scenes
