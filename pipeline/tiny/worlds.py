@@ -1,8 +1,8 @@
 """Which procedural world a bundled-style model was trained on, and what evaluates it there.
 
 A model folder names its world in `generation_config.json` (`"world": "v2"`; folders without
-the key are v1). Benchmarks, the score stage and the example manifest all ask here, so a model
-is never scored with another world's prompts or scorer.
+the key are v1). The benchmarks and the score stage ask here, so a model is never scored with
+another world's prompts or scorer.
 """
 
 from __future__ import annotations
