@@ -338,14 +338,18 @@ DEFAULT_KEY = "speca-default"  # the default preset at batch 8; "-b1" at batch 1
 
 
 def speca_methods() -> list[Method]:
-    """The default preset at three strengths and alone, the paper's method at three thresholds, and
-    one ablation row per option the default adds to the paper's method."""
+    """The default preset at three strengths and alone, the subset preset at two, the paper's method
+    at three thresholds, and one ablation row per option the default adds to the paper's method."""
     d = SpeCaConfig.from_name("default")
     out = [Method("SpeCa default", "speca", DEFAULT_KEY, d),
            Method("SpeCa default, batch 1", "speca", DEFAULT_KEY + "-b1", d, batch=1)]
     for factor, name in ((0.5, "strict"), (1.5, "fast"), (2.0, "faster")):
         cfg = d.replace(tau0=d.tau0 * factor)
         out.append(Method(f"SpeCa default, {name} (thresholds x{factor})", "speca", f"{DEFAULT_KEY}-{name}", cfg))
+    s = SpeCaConfig.from_name("subset")
+    out.append(Method("SpeCa subset preset (the check on 1/8 of the video tokens)", "speca", "speca-subset", s))
+    out.append(Method("SpeCa subset preset, strict (thresholds x0.8)", "speca", "speca-subset-strict",
+                      s.replace(tau0=s.tau0 * 0.8)))
     for tau0 in REFERENCE_THRESHOLDS:
         cfg = SpeCaConfig.from_name("reference", tau0=tau0)
         out.append(Method(f"SpeCa reference (the paper's method) tau0={tau0}", "speca", f"speca-reference-{tau0}", cfg,
@@ -357,8 +361,9 @@ def speca_methods() -> list[Method]:
 
 
 def fewer_steps_methods(steps: int) -> list[Method]:
-    """No caching, fewer steps: the baseline every cache must beat (4/5 down to 1/4 of the steps)."""
-    counts = dict.fromkeys(max(1, round(steps * f)) for f in (0.8, 0.64, 0.5, 0.4, 0.32, 0.25))
+    """No caching, fewer steps: the baseline every cache must beat (4/5 down to 1/4 of the steps,
+    finer where the floor usually falls)."""
+    counts = dict.fromkeys(max(1, round(steps * f)) for f in (0.8, 0.64, 0.5, 0.4, 0.36, 0.32, 0.25))
     return [Method(f"fewer steps ({n})", "fewer-steps", f"fewer-steps-{n}", steps=n) for n in counts if n < steps]
 
 

@@ -191,7 +191,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--vae-tiling", action="store_true", help="decode the VAE in tiles (720p on one GPU)")
     s = parser.add_argument_group("SpeCa")
     s.add_argument("--speca", default="default",
-                   help="SpeCa preset: 'default', 'reference' (the authors' HunyuanVideo settings) or 'off'")
+                   help="SpeCa preset: 'default', 'subset' (a cheaper check on 1/8 of the video tokens, "
+                        "for shallow models; not with sequence parallelism), 'reference' (the authors' "
+                        "HunyuanVideo settings) or 'off'")
     s.add_argument("--speca-cache", choices=["module", "lean"], help="override the preset's cache granularity")
     s.add_argument("--speca-tau0", type=float, help="override the preset's initial threshold")
     s.add_argument("--speca-max-spec", type=int, help="override the preset's maximum speculative run")

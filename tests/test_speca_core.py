@@ -121,7 +121,7 @@ def test_presets():
     assert (ref.order, ref.warmup_steps, ref.tau0, ref.beta, ref.tau_min, ref.min_spec, ref.max_spec) == \
         (1, 1, 1.0, 0.1, 0.1, 4, 12)
     assert SpeCaConfig.from_name("default", tau0=0.3).tau0 == 0.3
-    assert set(PRESETS) >= {"reference", "default"}
+    assert set(PRESETS) >= {"reference", "default", "subset"}
     with pytest.raises(ValueError, match="unknown SpeCa preset"):
         SpeCaConfig.from_name("fastest")
 
