@@ -380,6 +380,12 @@ def select(methods: list[Method], only: str) -> list[Method]:
                                       for p in patterns)]
 
 
+def evaluation_requests(w: World, n: int, steps: int) -> list[SampleRequest]:
+    """The world's first `n` held-out evaluation clips (clip i has seed `eval_seed_base + i`)."""
+    return [SampleRequest(prompt=s.prompt, seed=w.eval_seed_base + i, num_inference_steps=steps)
+            for i, s in enumerate(w.eval_set(n))]
+
+
 def calibration_requests(w: World, n: int, steps: int, exclude_prompts: set[str]) -> list[SampleRequest]:
     """`n` held-out clips drawn apart from the evaluation set: other seeds, none of its prompts."""
     out, seed = [], w.eval_seed_base + CALIBRATION_SEED_OFFSET
@@ -611,8 +617,7 @@ def main(argv: list[str] | None = None) -> None:
     model = None  # loaded after --list
     w = world_of(resolve_model_path(args.model))
     specs = w.eval_set(args.prompts)
-    requests = [SampleRequest(prompt=s.prompt, seed=w.eval_seed_base + i, num_inference_steps=args.steps)
-                for i, s in enumerate(specs)]
+    requests = evaluation_requests(w, args.prompts, args.steps)
     calibration = calibration_requests(w, args.calibration_prompts, args.steps, {s.prompt for s in specs})
     if args.prompt_set == "calibration":  # tuning: never the evaluation prompts
         requests = calibration_requests(w, args.prompts, args.steps, {s.prompt for s in specs})

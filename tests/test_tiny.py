@@ -45,6 +45,20 @@ def test_scorer_on_ground_truth_clips():
     assert all(acc[a] >= 0.98 for a in scorer.ATTRIBUTES), acc
 
 
+def test_shape_measures_of_ground_truth_clips_are_clear_of_their_thresholds():
+    """The measures `Estimate` exposes (which bench.scorer_margins reads) decide the shape, and a
+    rendered clip, unlike some decoded ones, is never on a threshold."""
+    from bench.scorer_margins import NEAR, _distance
+
+    estimates = [(scorer.estimate(world.render(s)), s.shape) for s in world.eval_specs(48)]
+    for e, shape in estimates:
+        want = ("triangle" if e.skew > scorer.SKEW_TRIANGLE
+                else "square" if e.fill > scorer.FILL_SQUARE else "circle")
+        assert e.shape == want == shape, (e, shape)
+    assert min(_distance(e) for e, _ in estimates) > 2 * NEAR
+    assert _distance(scorer.estimate(np.zeros((4, 16, 16, 3), np.uint8))) == float("inf")
+
+
 def test_scorer_catches_wrong_attributes():
     spec = world.sample_spec(5, shape="circle", color="red", background="blue", motion="left")
     frames = world.render(spec)

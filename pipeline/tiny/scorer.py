@@ -18,12 +18,23 @@ _PALETTE_NAMES = list(COLORS)
 _PALETTE = np.asarray([COLORS[k] for k in _PALETTE_NAMES], dtype=np.float32)
 
 
+# The shape rule's thresholds: vertical skew above SKEW_TRIANGLE is a triangle, else a fill of its
+# bounding box above FILL_SQUARE is a square (see `estimate`).
+SKEW_TRIANGLE = 0.58
+FILL_SQUARE = 0.835
+
+
 @dataclass(frozen=True)
 class Estimate:
+    """The scorer's verdicts, with the two shape measures behind them (NaN when there is no shape),
+    so a caller can tell a clear verdict from one on a threshold."""
+
     shape: str
     color: str
     background: str
     motion: str
+    fill: float = float("nan")
+    skew: float = float("nan")
 
 
 def _nearest_color(rgb: np.ndarray, exclude: str | None = None) -> str:
@@ -77,10 +88,11 @@ def estimate(frames: np.ndarray) -> Estimate:
         fills.append(area / (float(c.max(axis=1).sum()) * float(c.max(axis=0).sum())))
     if not fills:
         return Estimate(shape="none", color=color, background=background, motion="none")
-    if float(np.median(skews)) > 0.58:
+    fill, skew = float(np.median(fills)), float(np.median(skews))
+    if skew > SKEW_TRIANGLE:
         shape = "triangle"
     else:
-        shape = "square" if float(np.median(fills)) > 0.835 else "circle"
+        shape = "square" if fill > FILL_SQUARE else "circle"
 
     # Motion: centroid displacement between the first and the last quarter of the clip.
     cen = np.asarray(centroids)
@@ -93,7 +105,7 @@ def estimate(frames: np.ndarray) -> Estimate:
         motion = "right" if dx > 0 else "left"
     else:
         motion = "down" if dy > 0 else "up"
-    return Estimate(shape=shape, color=color, background=background, motion=motion)
+    return Estimate(shape=shape, color=color, background=background, motion=motion, fill=fill, skew=skew)
 
 
 def score(frames: np.ndarray, prompt: str) -> dict[str, bool]:
