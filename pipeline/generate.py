@@ -219,6 +219,14 @@ def speca_config_from_args(args: argparse.Namespace) -> SpeCaConfig | None:
     return SpeCaConfig.from_name(args.speca, **overrides)
 
 
+def check_speca_parallel(speca: SpeCaConfig | None, parallel: ParallelConfig) -> None:
+    """Refuse, before anything loads, a SpeCa config that a sequence-parallel session would refuse later."""
+    if speca is not None and speca.verify_tokens < 1 and parallel.world_size > 1:
+        raise InvalidRequest("speca.verify_tokens", speca.verify_tokens,
+                             f"1 with sequence parallelism ({parallel.world_size} ranks): a token-subset check "
+                             "(the 'subset' preset) runs in one process; use --speca default")
+
+
 def main(argv: list[str] | None = None) -> int:
     from .storage import Storage
     from .video_io import VideoEncoding
@@ -252,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         model_config = model_config_from_args(args)
         speca = speca_config_from_args(args)
         parallel = parallel_config_from_args(args)
+        check_speca_parallel(speca, parallel)
         if parallel.world_size > 1:  # under torchrun: one process per rank
             from .parallel import init_from_env
 
