@@ -616,11 +616,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     model = None  # loaded after --list
     w = world_of(resolve_model_path(args.model))
-    specs = w.eval_set(args.prompts)
     requests = evaluation_requests(w, args.prompts, args.steps)
-    calibration = calibration_requests(w, args.calibration_prompts, args.steps, {s.prompt for s in specs})
+    evaluation_prompts = {r.prompt for r in requests}
+    calibration = calibration_requests(w, args.calibration_prompts, args.steps, evaluation_prompts)
     if args.prompt_set == "calibration":  # tuning: never the evaluation prompts
-        requests = calibration_requests(w, args.prompts, args.steps, {s.prompt for s in specs})
+        requests = calibration_requests(w, args.prompts, args.steps, evaluation_prompts)
 
     @cache
     def mag_ratios() -> list[float]:

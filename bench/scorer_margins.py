@@ -31,15 +31,6 @@ from .caching import evaluation_requests
 NEAR = 0.01  # a measure this close to its threshold is "on the threshold"
 
 
-def _distance(e: scorer.Estimate) -> float:
-    """How far the shape verdict is from changing: the measure that decides it, to its threshold."""
-    if math.isnan(e.fill):
-        return math.inf
-    if e.skew > scorer.SKEW_TRIANGLE:
-        return e.skew - scorer.SKEW_TRIANGLE
-    return min(scorer.SKEW_TRIANGLE - e.skew, abs(e.fill - scorer.FILL_SQUARE))
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="bundled", help="a model folder trained on world v1 (default: bundled)")
@@ -70,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         gen.close()
         runs[name] = [(scorer.estimate(s.frames), psnr(s.frames, r.frames)) for s, r in zip(out, ref)]
 
-    near = [i for i, e in enumerate(ref_est) if _distance(e) < NEAR]
+    near = [i for i, e in enumerate(ref_est) if e.shape_margin < NEAR]
     lines = ["# The v1 shape scorer's thresholds and the clips on them", "",
              f"Command: `python -m bench.scorer_margins --presets {args.presets} --out {args.out}`  ",
              f"Model: `{args.model}` (world v1), {len(requests)} held-out evaluation prompts and seeds of "
@@ -89,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         shifts = np.array([abs(e.fill - r.fill) for (e, _), r in zip(res, ref_est)
                            if not (math.isnan(e.fill) or math.isnan(r.fill))])
         on = [i for i in flips if i in near]
-        dist = ", ".join(f"{_distance(ref_est[i]):.3f}" for i in flips) or "-"
+        dist = ", ".join(f"{ref_est[i].shape_margin:.3f}" for i in flips) or "-"
         lines.append(f"| {name} | {len(flips)} | {len(on)} | {dist} | {np.median(shifts):.3f} / "
                      f"{np.percentile(shifts, 90):.3f} / {shifts.max():.3f} |")
         summary[name] = {"flips": flips, "on_threshold": on, "fill_shift_max": float(shifts.max())}

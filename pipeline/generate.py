@@ -221,7 +221,7 @@ def speca_config_from_args(args: argparse.Namespace) -> SpeCaConfig | None:
 
 def check_speca_parallel(speca: SpeCaConfig | None, parallel: ParallelConfig) -> None:
     """Refuse, before anything loads, a SpeCa config that a sequence-parallel session would refuse later."""
-    if speca is not None and speca.verify_tokens < 1 and parallel.world_size > 1:
+    if speca is not None and not speca.runs_sequence_parallel and parallel.world_size > 1:
         raise InvalidRequest("speca.verify_tokens", speca.verify_tokens,
                              f"1 with sequence parallelism ({parallel.world_size} ranks): a token-subset check "
                              "(the 'subset' preset) runs in one process; use --speca default")

@@ -113,6 +113,12 @@ class SpeCaConfig:
         if not isinstance(self.verify_block, int):
             bad("verify_block", self.verify_block, "an integer block index")
 
+    @property
+    def runs_sequence_parallel(self) -> bool:
+        """Whether ranks that each hold a shard of the tokens can run this config (a token-subset
+        check cannot: each rank would draw its own subset)."""
+        return self.verify_tokens >= 1
+
     def threshold(self, step: int, num_steps: int) -> float:
         return max(self.tau0 * self.beta ** (step / max(num_steps, 1)), self.tau_min)
 

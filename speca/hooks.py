@@ -136,7 +136,7 @@ class SpeCaSession:
         self.draft_blocks = 1 + (blocks_after if config.cache == "lean" else 0) + int(self.verify_first)
         if config.verify_tokens < 1:
             self.draft_blocks -= 1 + int(self.verify_first)  # the checks run on a token subset instead
-            if error_reduce is not None or valid_tokens is not None:
+            if not config.runs_sequence_parallel and (error_reduce is not None or valid_tokens is not None):
                 raise ValueError(f"SpeCaConfig.verify_tokens={config.verify_tokens} is not supported with sequence "
                                  "parallelism (each rank would draw its own token subset); use 1")
             checked = [self.verify_index] + ([0] if self.verify_first else [])

@@ -7,6 +7,7 @@ model weights, so quality figures of the tiny model are reproducible anywhere.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +36,16 @@ class Estimate:
     motion: str
     fill: float = float("nan")
     skew: float = float("nan")
+
+    @property
+    def shape_margin(self) -> float:
+        """How far the shape verdict is from changing: the deciding measure's distance to its
+        threshold (inf when there is no shape)."""
+        if math.isnan(self.fill):
+            return math.inf
+        if self.skew > SKEW_TRIANGLE:
+            return self.skew - SKEW_TRIANGLE
+        return min(SKEW_TRIANGLE - self.skew, abs(self.fill - FILL_SQUARE))
 
 
 def _nearest_color(rgb: np.ndarray, exclude: str | None = None) -> str:
