@@ -58,6 +58,7 @@ def adherence(gen: Generator, w: World, n: int) -> dict:
             recon += list(((y + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy())
     vae_psnr = float(np.mean([psnr(a, b, per_frame=False) for a, b in zip(truth, recon)]))
     held = [w.held_out(s) for s in specs]
+    counts = [w.num_objects(s) for s in specs]
     return {
         "n": n,
         "attributes": list(scorer.ATTRIBUTES),
@@ -65,6 +66,9 @@ def adherence(gen: Generator, w: World, n: int) -> dict:
         "generated_seen_pairs": scorer.accuracy([r for r, h in zip(generated, held) if not h]),
         "generated_held_out_pairs": scorer.accuracy([r for r, h in zip(generated, held) if h]),
         "n_held_out_pairs": int(sum(held)),
+        # One row per object count: a world's hard scenes (several objects to bind) hide in the all-clips mean.
+        "generated_by_objects": {k: {"n": counts.count(k), **scorer.accuracy([r for r, c in zip(generated, counts) if c == k])}
+                                 for k in sorted(set(counts))},
         "ground_truth": scorer.accuracy([scorer.score(f, s.prompt) for f, s in zip(truth, specs)]),
         "vae_reconstruction": scorer.accuracy([scorer.score(f, s.prompt) for f, s in zip(recon, specs)]),
         "vae_psnr_db": vae_psnr,
@@ -158,6 +162,8 @@ def render_markdown(model_name: str, w: World, adh: dict, real: dict, spd: dict,
             adh["generated_seen_pairs"]),
         row(f"generated, with a held-out (colour, shape) pair ({adh['n_held_out_pairs']} clips)",
             adh["generated_held_out_pairs"]),
+        *(row(f"generated, {k} object{'s' * (k > 1)} ({acc['n']} clips)", acc)
+          for k, acc in adh["generated_by_objects"].items() if len(adh["generated_by_objects"]) > 1),
         row("ground truth (scorer check)", adh["ground_truth"]),
         row("VAE reconstruction of ground truth", adh["vae_reconstruction"]),
         "",

@@ -106,3 +106,28 @@ def test_new_transformer_keeps_the_vae_and_starts_the_transformer_fresh(tmp_path
     # Three smoke steps from the seeded init cannot land on the trained weights.
     w, w0 = new.proj_out.weight, bundled.proj_out.weight
     assert (w - w0).abs().max() > 1e-2
+
+
+def test_decoder_fine_tuning_leaves_the_encoder_and_the_transformer_as_they_were(tmp_path, capsys):
+    """--vae-decoder-steps moves only the decoder, so the latents the transformer was trained on stay valid."""
+    import torch
+    from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel
+
+    from pipeline.tiny import train
+    from pipeline.tiny.build import BUNDLED_MODEL_DIR
+
+    with pytest.raises(SystemExit):
+        train.main(["--smoke", "--vae-decoder-steps", "2", "--workdir", str(tmp_path / "bad")])
+    assert "--vae-decoder-steps fine-tunes the decoder of an --init-from model" in capsys.readouterr().err
+
+    out = tmp_path / "model"
+    train.main(["--smoke", "--init-from", str(BUNDLED_MODEL_DIR), "--vae-decoder-steps", "3", "--dit-steps", "0",
+                "--workdir", str(tmp_path / "work"), "--output", str(out)])
+    tuned, source = (AutoencoderKLHunyuanVideo.from_pretrained(d / "vae") for d in (out, BUNDLED_MODEL_DIR))
+    assert tuned.config.scaling_factor == source.config.scaling_factor
+    a, b = tuned.state_dict(), source.state_dict()
+    moved = {k for k in a if not torch.equal(a[k], b[k])}
+    assert moved and all(k.startswith(("decoder.", "post_quant_conv.")) for k in moved), sorted(moved)[:5]
+    assert any(k.startswith("decoder.") for k in moved)
+    t, t0 = (HunyuanVideoTransformer3DModel.from_pretrained(d / "transformer") for d in (out, BUNDLED_MODEL_DIR))
+    assert all(torch.equal(x, y) for x, y in zip(t.state_dict().values(), t0.state_dict().values()))

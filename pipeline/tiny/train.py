@@ -53,6 +53,8 @@ class TrainConfig:
     vae_clip_lr: float = 1.0e-3
     vae_kl_weight: float = 3e-5
     vae_fg_weight: float = 5.0
+    vae_decoder_steps: int = 0
+    vae_decoder_lr: float = 5e-4
     latent_pool: int = 4096
     dit_steps: int = 4000
     dit_batch: int = 24
@@ -145,10 +147,19 @@ class _Checkpoint:
 
 def train_vae_stage(vae, cfg: TrainConfig, recipe: Recipe, stage: str, ckpt: _Checkpoint, log, every: int,
                     device: str) -> None:
-    frames, steps, batch, lr = ((1, cfg.vae_frame_steps, cfg.vae_frame_batch, cfg.vae_lr) if stage == "vae_frame"
-                                else (recipe.num_frames, cfg.vae_clip_steps, cfg.vae_clip_batch, cfg.vae_clip_lr))
-    vae.train().requires_grad_(True)
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    """One VAE stage: `vae_frame` (single frames), `vae_clip` (full clips), or `vae_decoder` (full clips, the
+    encoder frozen: the latents a trained transformer learned stay where they are, only their decoding improves)."""
+    frames, steps, batch, lr = {
+        "vae_frame": (1, cfg.vae_frame_steps, cfg.vae_frame_batch, cfg.vae_lr),
+        "vae_clip": (recipe.num_frames, cfg.vae_clip_steps, cfg.vae_clip_batch, cfg.vae_clip_lr),
+        "vae_decoder": (recipe.num_frames, cfg.vae_decoder_steps, cfg.vae_clip_batch, cfg.vae_decoder_lr),
+    }[stage]
+    vae.train().requires_grad_(stage != "vae_decoder")
+    if stage == "vae_decoder":
+        for m in (vae.post_quant_conv, vae.decoder):
+            m.requires_grad_(True)
+    params = [p for p in vae.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     start = 0
     state = ckpt.load()
     if state and state["stage"] == stage:
@@ -164,7 +175,7 @@ def train_vae_stage(vae, cfg: TrainConfig, recipe: Recipe, stage: str, ckpt: _Ch
         loss, rec_psnr = _vae_loss(vae, x.to(device), cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{rec_psnr:.1f}")
         log({"stage": stage, "step": step, "loss": loss.item(), "psnr": rec_psnr})
@@ -326,6 +337,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vae-frame-steps", type=int, help="override the single-frame VAE steps")
     parser.add_argument("--vae-clip-steps", type=int, help="override the full-clip VAE steps")
     parser.add_argument("--dit-steps", type=int, help="override the transformer steps")
+    parser.add_argument("--vae-decoder-steps", type=int,
+                        help="with --init-from: first fine-tune the VAE's decoder for this many full-clip steps, its "
+                             "encoder frozen, so the latents the transformer learned stay valid (default 0)")
     parser.add_argument("--dit-lr", type=float, help="override the transformer peak learning rate")
     parser.add_argument("--dit-fg-weight", type=float,
                         help="loss weight of latents under the shape relative to the background (default 1)")
@@ -334,10 +348,12 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--new-transformer needs --init-from (a model whose VAE and text encoders to keep)")
     if args.vae_from and args.init_from:
         parser.error("--vae-from starts the VAE stages, which --init-from skips; give one of them")
+    if args.vae_decoder_steps and not args.init_from:
+        parser.error("--vae-decoder-steps fine-tunes the decoder of an --init-from model; give --init-from")
     recipe = RECIPES[args.recipe]
 
     cfg = TrainConfig.smoke() if args.smoke else TrainConfig()
-    overrides = ("vae_frame_steps", "vae_clip_steps", "dit_steps", "dit_lr", "dit_fg_weight")
+    overrides = ("vae_frame_steps", "vae_clip_steps", "vae_decoder_steps", "dit_steps", "dit_lr", "dit_fg_weight")
     cfg = replace(cfg, **{k: getattr(args, k) for k in overrides if getattr(args, k) is not None})
     torch.set_num_threads(cfg.threads)
     workdir = Path(args.workdir)
@@ -361,7 +377,8 @@ def main(argv: list[str] | None = None) -> None:
         pipe = HunyuanVideoPipeline.from_pretrained(args.init_from, **fresh).to(args.device)
         for m in (pipe.vae, pipe.transformer, pipe.text_encoder, pipe.text_encoder_2):
             m.eval().requires_grad_(False)
-        torch.save(pipe.vae.state_dict(), workdir / "vae.pt")
+        if not (workdir / "vae.pt").exists():  # on a resume it may hold the fine-tuned decoder
+            torch.save(pipe.vae.state_dict(), workdir / "vae.pt")
     else:
         pipe = build_pipeline(cfg.seed, recipe).to(args.device)
         if args.vae_from and not ckpt.load():
@@ -370,7 +387,13 @@ def main(argv: list[str] | None = None) -> None:
             trained = AutoencoderKLHunyuanVideo.from_pretrained(Path(args.vae_from) / "vae")
             pipe.vae.load_state_dict(trained.state_dict())
     state = ckpt.load()
-    stage = state["stage"] if state else ("dit" if args.init_from else "vae_frame")
+    stage = state["stage"] if state else (("vae_decoder" if cfg.vae_decoder_steps else "dit") if args.init_from
+                                          else "vae_frame")
+    if stage == "vae_decoder":
+        pipe.vae.load_state_dict(torch.load(workdir / "vae.pt", map_location=args.device))
+        train_vae_stage(pipe.vae, cfg, recipe, "vae_decoder", ckpt, log, args.checkpoint_every, args.device)
+        torch.save(pipe.vae.state_dict(), workdir / "vae.pt")
+        stage = "dit"
     if stage == "vae_frame":
         train_vae_stage(pipe.vae, cfg, recipe, "vae_frame", ckpt, log, args.checkpoint_every, args.device)
         torch.save(pipe.vae.state_dict(), workdir / "vae_frame.pt")

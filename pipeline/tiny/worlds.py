@@ -32,6 +32,7 @@ class World:
     render: Callable[[object], np.ndarray]
     scorer: ModuleType
     held_out: Callable[[object], bool]  # does the clip use a (colour, shape) pair held out of training
+    num_objects: Callable[[object], int] = lambda spec: 1
     eval_seed_base: int = world.EVAL_SEED_BASE
 
     def score(self, frames: np.ndarray, prompt: str) -> dict[str, bool]:
@@ -43,7 +44,8 @@ WORLDS = {
     "v1": World("v1", world.eval_specs, lambda seed: world.sample_spec(seed, split="eval"), world.render, scorer,
                 lambda s: (s.color, s.shape) in world.HELD_OUT_PAIRS),
     "v2": World("v2", world_v2.eval_scenes, lambda seed: world_v2.sample_scene(seed, split="eval"), world_v2.render,
-                scorer_v2, lambda s: any((o.color, o.shape) in world_v2.HELD_OUT_PAIRS for o in s.objects)),
+                scorer_v2, lambda s: any((o.color, o.shape) in world_v2.HELD_OUT_PAIRS for o in s.objects),
+                lambda s: len(s.objects)),
 }
 
 
