@@ -404,7 +404,9 @@ def main(argv: list[str] | None = None) -> None:
     else:
         pipe.vae.load_state_dict(torch.load(workdir / "vae.pt", map_location=args.device))
 
-    z, fg, prompts = encode_pool(pipe, cfg, recipe, rescale=not args.init_from)
+    train_dit = not args.vae_only and cfg.dit_steps > 0
+    if train_dit or not args.init_from:  # the latent pool; from scratch it also sets the VAE's scaling factor
+        z, fg, prompts = encode_pool(pipe, cfg, recipe, rescale=not args.init_from)
     with torch.no_grad():
         x, _ = _clips(random.Random(f"{cfg.seed}-val"), 32, recipe.num_frames, recipe)
         x = x.to(args.device)
@@ -420,7 +422,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"saved the VAE stage to {args.output}")
         return
 
-    train_transformer(pipe, cfg, recipe, z, fg, prompts, ckpt, log, args.checkpoint_every)
+    if train_dit:
+        train_transformer(pipe, cfg, recipe, z, fg, prompts, ckpt, log, args.checkpoint_every)
     minutes = (time.time() - t0) / 60
     if args.output:
         card = MODEL_CARD.format(
