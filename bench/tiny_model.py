@@ -215,7 +215,11 @@ def main(argv: list[str] | None = None) -> None:
     real = realism(gen, w, adh["samples"], args.prompts, args.realism_steps)
     spd = speed(model, w)
     smooth = smoothness(model, w)
-    command = "python -m bench.tiny_model" + (f" --model {args.model}" if args.model != "bundled" else "")
+    command = "python -m bench.tiny_model" + "".join(
+        f" {flag} {value}" for flag, value, default in (("--model", args.model, "bundled"),
+                                                         ("--prompts", args.prompts, 48),
+                                                         ("--out", args.out, "bench/results/tiny_model.md"))
+        if value != default)
     md = render_markdown(args.model, w, adh, real, spd, smooth, command)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
