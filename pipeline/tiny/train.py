@@ -336,10 +336,10 @@ def main(argv: list[str] | None = None) -> None:
                              "(a long run split across sessions or machines)")
     parser.add_argument("--vae-frame-steps", type=int, help="override the single-frame VAE steps")
     parser.add_argument("--vae-clip-steps", type=int, help="override the full-clip VAE steps")
-    parser.add_argument("--dit-steps", type=int, help="override the transformer steps")
     parser.add_argument("--vae-decoder-steps", type=int,
                         help="with --init-from: first fine-tune the VAE's decoder for this many full-clip steps, its "
                              "encoder frozen, so the latents the transformer learned stay valid (default 0)")
+    parser.add_argument("--dit-steps", type=int, help="override the transformer steps")
     parser.add_argument("--dit-lr", type=float, help="override the transformer peak learning rate")
     parser.add_argument("--dit-fg-weight", type=float,
                         help="loss weight of latents under the shape relative to the background (default 1)")
