@@ -67,8 +67,9 @@ def adherence(gen: Generator, w: World, n: int) -> dict:
         "generated_held_out_pairs": scorer.accuracy([r for r, h in zip(generated, held) if h]),
         "n_held_out_pairs": int(sum(held)),
         # One row per object count: a world's hard scenes (several objects to bind) hide in the all-clips mean.
-        "generated_by_objects": {k: {"n": counts.count(k), **scorer.accuracy([r for r, c in zip(generated, counts) if c == k])}
-                                 for k in sorted(set(counts))},
+        "generated_by_objects": {
+            k: {"n": counts.count(k), **scorer.accuracy([r for r, c in zip(generated, counts) if c == k])}
+            for k in sorted(set(counts))},
         "ground_truth": scorer.accuracy([scorer.score(f, s.prompt) for f, s in zip(truth, specs)]),
         "vae_reconstruction": scorer.accuracy([scorer.score(f, s.prompt) for f, s in zip(recon, specs)]),
         "vae_psnr_db": vae_psnr,
@@ -216,10 +217,8 @@ def main(argv: list[str] | None = None) -> None:
     spd = speed(model, w)
     smooth = smoothness(model, w)
     command = "python -m bench.tiny_model" + "".join(
-        f" {flag} {value}" for flag, value, default in (("--model", args.model, "bundled"),
-                                                         ("--prompts", args.prompts, 48),
-                                                         ("--out", args.out, "bench/results/tiny_model.md"))
-        if value != default)
+        f" --{dest.replace('_', '-')} {getattr(args, dest)}" for dest in ("model", "prompts", "realism_steps", "out")
+        if getattr(args, dest) != parser.get_default(dest))
     md = render_markdown(args.model, w, adh, real, spd, smooth, command)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -147,7 +147,8 @@ PRESETS: dict[str, SpeCaConfig] = {
     # calibration prompts that are not bench.caching's evaluation prompts (bundled model, 50 steps):
     # the paper's direction (0.05 -> 0.025) gave 2.62x fewer FLOPs with a worst clip of 26.2 dB and
     # 3 clips judged otherwise than uncached; this gave 2.32x, worst 31.4 dB, none. The 96 prompts
-    # of bench/results/speca_tuning.md add a chaotic clip (22.5 dB; an exploratory check kept only 27.6 at 45 plain steps);
+    # of bench/results/speca_tuning.md add a chaotic clip (22.5 dB; an exploratory check kept only 27.6
+    # at 45 plain steps);
     # bench/results/caching.md has the evaluation run and the ablations.
     "default": SpeCaConfig(),
     # The default with the check on 1/8 of the video tokens (plus all text tokens) and thresholds

@@ -134,11 +134,11 @@ class SpeCaSession:
         # Blocks a draft pass executes: the verified one, (lean cache) those after it, the first one
         # when it is verified too.
         self.draft_blocks = 1 + (blocks_after if config.cache == "lean" else 0) + int(self.verify_first)
+        if not config.runs_sequence_parallel and (error_reduce is not None or valid_tokens is not None):
+            raise ValueError(f"SpeCaConfig.verify_tokens={config.verify_tokens} is not supported with sequence "
+                             "parallelism (each rank would draw its own token subset); use 1")
         if config.verify_tokens < 1:
             self.draft_blocks -= 1 + int(self.verify_first)  # the checks run on a token subset instead
-            if not config.runs_sequence_parallel and (error_reduce is not None or valid_tokens is not None):
-                raise ValueError(f"SpeCaConfig.verify_tokens={config.verify_tokens} is not supported with sequence "
-                                 "parallelism (each rank would draw its own token subset); use 1")
             checked = [self.verify_index] + ([0] if self.verify_first else [])
             for i in checked:
                 if self.blocks[i][1].subset is None:
