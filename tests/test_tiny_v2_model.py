@@ -79,3 +79,36 @@ def test_v2_smoke_training_in_two_runs_fine_tunes_a_vae_then_trains_a_transforme
     gen = Generator(load_pipeline(ModelConfig(model=str(out), device="cpu")))
     [sample] = gen.generate([SampleRequest(prompt=PROMPT, num_inference_steps=2)])
     assert sample.frames.shape == (17, 32, 32, 3)
+
+
+def test_warm_start_spreads_a_patch_1_transformer_over_patch_2():
+    """On a latent that is constant over each 2x2 patch the warm-started patch-2 transformer gives the patch-1
+    one's prediction on the pooled latent, repeated over the patch: nothing but the patching changed."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    from pipeline.tiny.build import TRANSFORMER_CONFIG
+    from pipeline.tiny.train import warm_start_transformer
+
+    torch.manual_seed(0)
+    small = HunyuanVideoTransformer3DModel(**TRANSFORMER_CONFIG).eval()
+    for p in small.parameters():  # the seeded init zeroes the output projection; any weights will do
+        p.data.normal_(0, 0.2)
+    big = HunyuanVideoTransformer3DModel(**{**TRANSFORMER_CONFIG, "patch_size": 2}).eval()
+    assert warm_start_transformer(big, small) == ["x_embedder.proj.weight", "proj_out.weight", "proj_out.bias"]
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(1, 16, 3, 4, 4, generator=g)
+    text = dict(timestep=torch.tensor([400.0]), encoder_hidden_states=torch.randn(1, 5, 64, generator=g),
+                encoder_attention_mask=torch.ones(1, 5), pooled_projections=torch.randn(1, 32, generator=g),
+                return_dict=False)
+    with torch.no_grad():
+        want = small(hidden_states=z, **text)[0].repeat_interleave(2, 3).repeat_interleave(2, 4)
+        got = big(hidden_states=z.repeat_interleave(2, 3).repeat_interleave(2, 4), **text)[0]
+    assert want.abs().mean() > 0.1
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    other = HunyuanVideoTransformer3DModel(**{**TRANSFORMER_CONFIG, "num_layers": 1})
+    try:
+        warm_start_transformer(other, small)
+    except ValueError as e:
+        assert "transformer_blocks.1" in str(e)
+    else:
+        raise AssertionError("a source with a block more than the target was accepted")

@@ -20,7 +20,7 @@ from diffusers import (
     HunyuanVideoTransformer3DModel,
 )
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -73,6 +73,7 @@ class Recipe:
         sample: a training clip's spec from a seed (anything with a `.prompt`).
         render: uint8 frames (T, H, W, 3) of a spec.
         transformer: `HunyuanVideoTransformer3DModel` keyword arguments.
+        vae: `AutoencoderKLHunyuanVideo` keyword arguments.
         llama_layers: depth of the frozen random Llama. The pipeline reads `hidden_states[-3]`, which for two
             layers is the word embeddings (no word order); from three layers on they are contextual.
         max_sequence_length: text tokens the pipeline keeps.
@@ -90,6 +91,7 @@ class Recipe:
     height: int = world.HEIGHT
     width: int = world.WIDTH
     num_frames: int = world.NUM_FRAMES
+    vae: dict = field(default_factory=lambda: VAE_CONFIG)
 
     def generation_defaults(self) -> dict:
         # "world" tells the score stage and the benches which scorer reads this model's clips (absent: v1).
@@ -104,10 +106,13 @@ RECIPES = {
                      "standing still over a plain background of another colour. Prompts follow the grammar "
                      "`a <colour> <shape> moving <direction> on a <colour> background` (or `standing still`).")),
     # HunyuanVideo's proportions: twice as many single- as double-stream blocks (20 + 40 there), 12 here, so
-    # verifying one block costs 1/12 of a step; prompts of up to three objects need 24 tokens.
+    # verifying one block costs 1/12 of a step; prompts of up to three objects need 24 tokens. Patches of 2 x 2
+    # latent pixels as HunyuanVideo's, over a 2x VAE: the same 5 x 8 x 8 tokens as a 4x VAE with patch 1, but
+    # latents that keep the textures (periods of 3 to 6 px) a 4x VAE blurs away, so there is detail to generate.
     "v2": Recipe("v2", world_v2.vocabulary, world_v2.sample_scene, world_v2.render,
-                 {**TRANSFORMER_CONFIG, "num_attention_heads": 6, "num_layers": 4, "num_single_layers": 8},
-                 llama_layers=4, max_sequence_length=32, about=(
+                 {**TRANSFORMER_CONFIG, "num_attention_heads": 6, "num_layers": 4, "num_single_layers": 8,
+                  "patch_size": 2},
+                 vae={**VAE_CONFIG, "spatial_compression_ratio": 2}, llama_layers=4, max_sequence_length=32, about=(
                      "world v2 (`pipeline/tiny/world_v2.py`): 1 to 3 objects, each its own colour, shape and "
                      "motion (slowly or quickly left, right, up, down, or standing still), crossing, with per-seed "
                      "striped, checked or ringed textures on the background and the objects. Prompts name every "
@@ -152,7 +157,7 @@ def build_pipeline(seed: int = 0, recipe: Recipe = RECIPES["v1"]) -> HunyuanVide
         num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
         bos_token_id=tokenizer_2.bos_token_id, eos_token_id=tokenizer_2.eos_token_id,
         pad_token_id=tokenizer_2.pad_token_id))
-    vae = AutoencoderKLHunyuanVideo(**VAE_CONFIG)
+    vae = AutoencoderKLHunyuanVideo(**recipe.vae)
     transformer = HunyuanVideoTransformer3DModel(**recipe.transformer)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=FLOW_SHIFT)
     pipe = HunyuanVideoPipeline(text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer, vae=vae,

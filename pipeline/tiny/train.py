@@ -273,6 +273,40 @@ def train_transformer(pipe, cfg: TrainConfig, recipe: Recipe, z: torch.Tensor, f
     model.eval().requires_grad_(False)
 
 
+@torch.no_grad()
+def warm_start_transformer(model, source) -> list[str]:
+    """Copy a trained transformer's weights into `model`, which may have a larger patch.
+
+    Every tensor whose shape matches is copied. The patch embedding and the output projection of a
+    patch-1 source are spread over the larger patch: the embedding averages the patch's latent pixels
+    through the source's projection, the output gives each of them the source's prediction. The blocks,
+    the text path and the timestep path carry over unchanged. Returns the names converted this way.
+    """
+    p, pt = model.config.patch_size, model.config.patch_size_t
+    if (source.config.patch_size, source.config.patch_size_t) != (1, 1) and (
+            source.config.patch_size, source.config.patch_size_t) != (p, pt):
+        raise ValueError(f"can warm-start from a patch-1 transformer or one of patch {p}, not "
+                         f"{source.config.patch_size}")
+    target, converted = model.state_dict(), []
+    for name, w in source.state_dict().items():
+        if name not in target:
+            raise ValueError(f"the source transformer has {name!r}, which this recipe's has not: a different "
+                             f"architecture (only the patch may differ)")
+        if target[name].shape == w.shape:
+            target[name] = w
+        elif name == "x_embedder.proj.weight":  # (D, C, 1, 1, 1) -> (D, C, pt, p, p)
+            target[name] = w.expand(-1, -1, pt, p, p) / (pt * p * p)
+            converted.append(name)
+        elif name in ("proj_out.weight", "proj_out.bias"):  # rows c -> c * pt * p * p + k (unpatchify's order)
+            target[name] = w.repeat_interleave(pt * p * p, dim=0)
+            converted.append(name)
+        else:
+            raise ValueError(f"{name!r} is {tuple(w.shape)} in the source transformer, "
+                             f"{tuple(target[name].shape)} here")
+    model.load_state_dict(target)
+    return converted
+
+
 MODEL_CARD = """# tiny-hunyuanvideo (moving shapes)
 
 A test and demo model, **not a video generator**. It has the exact component classes of
@@ -330,6 +364,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new-transformer", action="store_true",
                         help="with --init-from: keep its VAE, text encoders and scaling, but train a transformer "
                              "of the recipe's architecture from its seeded init")
+    parser.add_argument("--transformer-from",
+                        help="with --new-transformer: start it from this trained model folder's transformer, whose "
+                             "patch may be smaller (patch 1): its blocks carry over, its patch embedding and output "
+                             "projection are spread over the recipe's patch")
     parser.add_argument("--vae-only", action="store_true",
                         help="stop after the VAE stages and the latent scaling factor; --output then holds the "
                              "trained VAE with the seeded transformer, for `--init-from ... --new-transformer` later "
@@ -346,6 +384,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.new_transformer and not args.init_from:
         parser.error("--new-transformer needs --init-from (a model whose VAE and text encoders to keep)")
+    if args.transformer_from and not args.new_transformer:
+        parser.error("--transformer-from starts the --new-transformer of an --init-from model; give both")
     if args.vae_from and args.init_from:
         parser.error("--vae-from starts the VAE stages, which --init-from skips; give one of them")
     if args.vae_decoder_steps and not args.init_from:
@@ -374,6 +414,10 @@ def main(argv: list[str] | None = None) -> None:
         if args.new_transformer:  # handed in, so a folder saved by --vae-only (no transformer) loads too
             torch.manual_seed(cfg.seed)
             fresh["transformer"] = HunyuanVideoTransformer3DModel(**recipe.transformer)
+            if args.transformer_from and not ckpt.load():
+                source = HunyuanVideoTransformer3DModel.from_pretrained(Path(args.transformer_from) / "transformer")
+                converted = warm_start_transformer(fresh["transformer"], source)
+                print(f"transformer warm-started from {args.transformer_from} (converted: {', '.join(converted)})")
         pipe = HunyuanVideoPipeline.from_pretrained(args.init_from, **fresh).to(args.device)
         for m in (pipe.vae, pipe.transformer, pipe.text_encoder, pipe.text_encoder_2):
             m.eval().requires_grad_(False)
