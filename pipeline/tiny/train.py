@@ -357,7 +357,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument("--device", default="cpu", help="cpu (the reference: ~2 hours on 2 cores) or cuda (minutes)")
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="v1",
-                        help="model version: v1 (the committed model) or v2 (world v2, 4 + 8 blocks, 4-layer Llama)")
+                        help="model version: v1 (the committed model) or v2 (world v2, 4 + 8 blocks, 4-layer "
+                             "Llama, 2x VAE and 2x2 patches)")
     parser.add_argument("--vae-from", help="a trained model folder whose VAE starts the VAE stages (fine-tuning it "
                                            "on this recipe's world instead of training from the seeded init)")
     parser.add_argument("--init-from", help="a trained model folder: skip the VAE, continue its transformer (or see --new-transformer)")
