@@ -283,10 +283,10 @@ def warm_start_transformer(model, source) -> list[str]:
     the text path and the timestep path carry over unchanged. Returns the names converted this way.
     """
     p, pt = model.config.patch_size, model.config.patch_size_t
-    if (source.config.patch_size, source.config.patch_size_t) != (1, 1) and (
-            source.config.patch_size, source.config.patch_size_t) != (p, pt):
-        raise ValueError(f"can warm-start from a patch-1 transformer or one of patch {p}, not "
-                         f"{source.config.patch_size}")
+    patch = (source.config.patch_size, source.config.patch_size_t)
+    if patch not in {(1, 1), (p, pt)}:
+        raise ValueError(f"can warm-start from a patch-1 transformer or one of this patch (size {p}, time {pt}), "
+                         f"not one of size {patch[0]}, time {patch[1]}")
     target, converted = model.state_dict(), []
     for name, w in source.state_dict().items():
         if name not in target:
@@ -415,7 +415,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.new_transformer:  # handed in, so a folder saved by --vae-only (no transformer) loads too
             torch.manual_seed(cfg.seed)
             fresh["transformer"] = HunyuanVideoTransformer3DModel(**recipe.transformer)
-            if args.transformer_from and not ckpt.load():
+            if args.transformer_from and not ckpt.path.exists():  # a resume loads its checkpoint instead
                 source = HunyuanVideoTransformer3DModel.from_pretrained(Path(args.transformer_from) / "transformer")
                 converted = warm_start_transformer(fresh["transformer"], source)
                 print(f"transformer warm-started from {args.transformer_from} (converted: {', '.join(converted)})")
