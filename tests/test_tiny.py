@@ -108,6 +108,30 @@ def test_new_transformer_keeps_the_vae_and_starts_the_transformer_fresh(tmp_path
     assert (w - w0).abs().max() > 1e-2
 
 
+def test_transformer_from_starts_the_new_transformer_from_a_trained_one(tmp_path, capsys):
+    """The CLI path of `--transformer-from`: a few smoke steps away from the trained transformer, not the init."""
+    import pytest
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    from pipeline.tiny import train
+    from pipeline.tiny.build import BUNDLED_MODEL_DIR, RECIPES, build_pipeline
+
+    with pytest.raises(SystemExit):
+        train.main(["--smoke", "--init-from", str(BUNDLED_MODEL_DIR), "--transformer-from", str(BUNDLED_MODEL_DIR),
+                    "--workdir", str(tmp_path / "bad")])
+    assert "--transformer-from starts the --new-transformer" in capsys.readouterr().err
+
+    out = tmp_path / "model"
+    train.main(["--smoke", "--init-from", str(BUNDLED_MODEL_DIR), "--new-transformer",
+                "--transformer-from", str(BUNDLED_MODEL_DIR), "--workdir", str(tmp_path / "work"), "--output", str(out)])
+    assert "transformer warm-started from" in capsys.readouterr().out
+    new, trained = (HunyuanVideoTransformer3DModel.from_pretrained(d / "transformer") for d in (out, BUNDLED_MODEL_DIR))
+    fresh = build_pipeline(0, RECIPES["v1"]).transformer
+    dist = {name: sum(float((a - b).abs().sum()) for a, b in zip(new.state_dict().values(), m.state_dict().values()))
+            for name, m in (("trained", trained), ("fresh", fresh))}
+    assert 0 < dist["trained"] < dist["fresh"] / 10, dist
+
+
 def test_decoder_fine_tuning_leaves_the_encoder_and_the_transformer_as_they_were(tmp_path, capsys):
     """--vae-decoder-steps moves only the decoder, so the latents the transformer was trained on stay valid."""
     import torch
