@@ -73,6 +73,8 @@ def test_v2_smoke_training_in_two_runs_fine_tunes_a_vae_then_trains_a_transforme
                 "--workdir", str(tmp_path / "w2"), "--output", str(out)])
     written = json.loads((out / "generation_config.json").read_text())
     assert written["max_sequence_length"] == 32 and written["world"] == "v2"
+    assert written["true_cfg_scale"] == 6.0  # HunyuanVideo's guidance; v1 keeps 4
+    assert json.loads((BUNDLED_MODEL_DIR / "generation_config.json").read_text())["true_cfg_scale"] == 4.0
     assert "world v2" in (out / "README.md").read_text()
     kept = AutoencoderKLHunyuanVideo.from_pretrained(out / "vae")
     assert kept.config.scaling_factor == tuned.config.scaling_factor

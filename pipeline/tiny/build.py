@@ -77,6 +77,7 @@ class Recipe:
         llama_layers: depth of the frozen random Llama. The pipeline reads `hidden_states[-3]`, which for two
             layers is the word embeddings (no word order); from three layers on they are contextual.
         max_sequence_length: text tokens the pipeline keeps.
+        true_cfg_scale: the default true CFG scale written to generation_config.json.
         about: the world and its prompt grammar in a sentence or two, for the model card.
     """
 
@@ -92,11 +93,13 @@ class Recipe:
     width: int = world.WIDTH
     num_frames: int = world.NUM_FRAMES
     vae: dict = field(default_factory=lambda: VAE_CONFIG)
+    true_cfg_scale: float = GENERATION_DEFAULTS["true_cfg_scale"]
 
     def generation_defaults(self) -> dict:
         # "world" tells the score stage and the benches which scorer reads this model's clips (absent: v1).
         return {**GENERATION_DEFAULTS, "height": self.height, "width": self.width, "num_frames": self.num_frames,
-                "max_sequence_length": self.max_sequence_length, "world": self.name}
+                "max_sequence_length": self.max_sequence_length, "true_cfg_scale": self.true_cfg_scale,
+                "world": self.name}
 
 
 RECIPES = {
@@ -112,7 +115,10 @@ RECIPES = {
     "v2": Recipe("v2", world_v2.vocabulary, world_v2.sample_scene, world_v2.render,
                  {**TRANSFORMER_CONFIG, "num_attention_heads": 6, "num_layers": 4, "num_single_layers": 8,
                   "patch_size": 2},
-                 vae={**VAE_CONFIG, "spatial_compression_ratio": 2}, llama_layers=4, max_sequence_length=32, about=(
+                 vae={**VAE_CONFIG, "spatial_compression_ratio": 2}, llama_layers=4, max_sequence_length=32,
+                 # The guidance scale HunyuanVideo samples with (6, embedded there): trajectories curve enough
+                 # that 25 plain steps keep a median 29.6 dB to 50 (34.2 at CFG 4), and adherence holds.
+                 true_cfg_scale=6.0, about=(
                      "world v2 (`pipeline/tiny/world_v2.py`): 1 to 3 objects, each its own colour, shape and "
                      "motion (slowly or quickly left, right, up, down, or standing still), crossing, with per-seed "
                      "striped, checked or ringed textures on the background and the objects. Prompts name every "

@@ -481,7 +481,7 @@ def main(argv: list[str] | None = None) -> None:
             seed=cfg.seed, device=args.device, minutes=minutes,
             device_name=(torch.cuda.get_device_name() if args.device.startswith("cuda")
                          else f"CPU, {cfg.threads} threads"), config=json.dumps(asdict(cfg), indent=2),
-            vae_psnr=vae_psnr, cfg_scale=GENERATION_DEFAULTS["true_cfg_scale"],
+            vae_psnr=vae_psnr, cfg_scale=recipe.true_cfg_scale,
             scores="Run `python -m bench.tiny_model` to score this model; its figures are pasted here.")
         save(pipe, args.output, card=card, recipe=recipe)
         print(f"saved the trained pipeline to {args.output} after {minutes:.1f} minutes")
