@@ -117,7 +117,7 @@ RECIPES = {
                   "patch_size": 2},
                  vae={**VAE_CONFIG, "spatial_compression_ratio": 2}, llama_layers=4, max_sequence_length=32,
                  # The guidance scale HunyuanVideo samples with (6, embedded there): trajectories curve enough
-                 # that 25 plain steps keep a median 29.6 dB to 50 (34.2 at CFG 4), and adherence holds.
+                 # that 25 plain steps keep a median 29.6 dB to 50 (34.2 at CFG 4); adherence about the same.
                  true_cfg_scale=6.0, about=(
                      "world v2 (`pipeline/tiny/world_v2.py`): 1 to 3 objects, each its own colour, shape and "
                      "motion (slowly or quickly left, right, up, down, or standing still), crossing, with per-seed "
