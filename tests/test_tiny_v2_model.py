@@ -8,6 +8,7 @@ import torch
 from diffusers import AutoencoderKLHunyuanVideo
 
 from pipeline.tiny.build import BUNDLED_MODEL_DIR, GENERATION_DEFAULTS, RECIPES, build_pipeline
+from weight_distance import l1_distance
 
 # The same words, colours swapped between the two objects: a bag of words cannot tell them apart.
 PROMPT = "a red circle standing still and a blue square moving slowly left on a green background"
@@ -65,8 +66,7 @@ def test_v2_smoke_training_in_two_runs_fine_tunes_a_vae_then_trains_a_transforme
     assert "no transformer yet" in (stage / "README.md").read_text()
     tuned, source = (AutoencoderKLHunyuanVideo.from_pretrained(d / "vae") for d in (stage, BUNDLED_MODEL_DIR))
     fresh = build_pipeline(0, RECIPES["v2"]).vae
-    dist = {name: sum(float((a - b).abs().sum()) for a, b in zip(tuned.state_dict().values(), m.state_dict().values()))
-            for name, m in (("source", source), ("fresh", fresh))}
+    dist = {name: l1_distance(tuned, m) for name, m in (("source", source), ("fresh", fresh))}
     assert 0 < dist["source"] < dist["fresh"] / 10, dist  # a few steps away from the trained VAE, not the init
 
     train.main(["--smoke", "--recipe", "v2", "--init-from", str(stage), "--new-transformer",
