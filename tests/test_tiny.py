@@ -155,3 +155,40 @@ def test_decoder_fine_tuning_leaves_the_encoder_and_the_transformer_as_they_were
     assert any(k.startswith("decoder.") for k in moved)
     t, t0 = (HunyuanVideoTransformer3DModel.from_pretrained(d / "transformer") for d in (out, BUNDLED_MODEL_DIR))
     assert all(torch.equal(x, y) for x, y in zip(t.state_dict().values(), t0.state_dict().values()))
+
+
+def test_text_lr_trains_the_llama_on_the_states_the_pipeline_reads(tmp_path):
+    """--text-lr trains the Llama on exactly the states generation reads; without it, and for CLIP, nothing moves."""
+    import torch
+    from transformers import CLIPTextModel, LlamaModel
+
+    from pipeline.tiny import train, world_v2
+    from pipeline.tiny.build import BUNDLED_MODEL_DIR, RECIPES, build_pipeline
+    from weight_distance import l1_distance
+
+    recipe = RECIPES["v2"]
+    pipe = build_pipeline(0, recipe)
+    prompts = [world_v2.sample_scene(seed).prompt for seed in range(6)]
+    read, tokens = train.encode_prompts(pipe, prompts, recipe), train.tokenize_prompts(pipe, prompts, recipe)
+    for p in [*prompts, ""]:
+        ids, mask = tokens[p]
+        torch.testing.assert_close(train.llama_states(pipe.text_encoder, ids[None], mask[None])[0], read[p][0],
+                                   rtol=0, atol=1e-6)
+        assert torch.equal(mask.bool(), read[p][2].bool())
+
+    def run(name: str, *extra: str):
+        out = tmp_path / name
+        train.main(["--smoke", "--init-from", str(BUNDLED_MODEL_DIR), "--workdir", str(tmp_path / f"work-{name}"),
+                    "--output", str(out), *extra])
+        return {d: cls.from_pretrained(out / d) for d, cls in (("text_encoder", LlamaModel),
+                                                                 ("text_encoder_2", CLIPTextModel))}
+
+    source = {d: cls.from_pretrained(BUNDLED_MODEL_DIR / d) for d, cls in (("text_encoder", LlamaModel),
+                                                                            ("text_encoder_2", CLIPTextModel))}
+    trained, frozen = run("trained", "--text-lr", "1e-3"), run("frozen")
+    assert l1_distance(trained["text_encoder"], source["text_encoder"]) > 0
+    assert l1_distance(trained["text_encoder_2"], source["text_encoder_2"]) == 0
+    assert all(l1_distance(frozen[d], source[d]) == 0 for d in source)
+
+    with pytest.raises(SystemExit, match="trained with --text-lr"):  # a resume must keep the choice
+        train.main(["--smoke", "--init-from", str(BUNDLED_MODEL_DIR), "--workdir", str(tmp_path / "work-trained")])

@@ -9,7 +9,8 @@ Stages, each checkpointed so an interrupted run resumes where it stopped:
   4. transformer by flow matching (x_t = (1 - s) x0 + s * noise, target noise - x0, timestep
      s * 1000, matching `FlowMatchEulerDiscreteScheduler`; s drawn with the sampler's flow shift),
      10% prompt dropout for CFG, EMA.
-The text encoders stay at their seeded random init. `--smoke` runs a few steps of each stage.
+The text encoders stay at their seeded random init unless `--text-lr` trains the Llama with the
+transformer. `--smoke` runs a few steps of each stage.
 
     python -m pipeline.tiny.train --workdir /tmp/tiny-train --output pipeline/tiny/model
 """
@@ -61,6 +62,7 @@ class TrainConfig:
     dit_lr: float = 1e-3
     dit_ema: float = 0.998
     dit_fg_weight: float = 1.0
+    text_lr: float = 0.0
     prompt_dropout: float = 0.1
     sigma_uniform: float = 0.5
     sigma_shift: float = FLOW_SHIFT
@@ -217,23 +219,49 @@ def encode_prompts(pipe, prompts: list[str],
     return out
 
 
+def tokenize_prompts(pipe, prompts: list[str], recipe: Recipe) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Llama token ids and attention mask per prompt, as `encode_prompt` tokenizes them (no template)."""
+    keys = sorted(set(prompts) | {""})
+    t = pipe.tokenizer(keys, max_length=recipe.max_sequence_length, padding="max_length", truncation=True,
+                       return_tensors="pt")
+    return {k: (t.input_ids[i].to(pipe.device), t.attention_mask[i].to(pipe.device)) for i, k in enumerate(keys)}
+
+
+def llama_states(text_encoder, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The states the pipeline reads: `hidden_states[-3]` (diffusers' `num_hidden_layers_to_skip=2`)."""
+    return text_encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-3]
+
+
 def train_transformer(pipe, cfg: TrainConfig, recipe: Recipe, z: torch.Tensor, fg: torch.Tensor, prompts: list[str],
                       ckpt: _Checkpoint, log, every: int) -> None:
     """Flow matching; latents under the shape weigh `dit_fg_weight` times the background's.
 
     Shape and motion live in a few latent pixels; an unweighted loss is dominated by the
     background and the shape's colour, which the model gets right long before the geometry.
+    With `text_lr` the Llama trains too: the transformer sees text tokens without positions (no
+    RoPE on them), so which motion word belongs to which object must come from the Llama's
+    states, and a random Llama mixes a phrase's words with every word before it.
     """
     model = pipe.transformer
     text = encode_prompts(pipe, prompts, recipe)
-    ema = copy.deepcopy(model).requires_grad_(False)
+    modules = {"model": model, "text": pipe.text_encoder} if cfg.text_lr > 0 else {"model": model}
+    emas = {k: copy.deepcopy(m).requires_grad_(False) for k, m in modules.items()}
+    tokens = tokenize_prompts(pipe, prompts, recipe) if "text" in modules else None
     model.train().requires_grad_(True)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.dit_lr, betas=(0.9, 0.99), weight_decay=0.01)
+    groups = [{"params": list(model.parameters()), "peak": cfg.dit_lr}]
+    if tokens is not None:
+        pipe.text_encoder.requires_grad_(True)
+        groups.append({"params": list(pipe.text_encoder.parameters()), "peak": cfg.text_lr})
+    opt = torch.optim.AdamW(groups, lr=cfg.dit_lr, betas=(0.9, 0.99), weight_decay=0.01)
     start = 0
     state = ckpt.load()
     if state and state["stage"] == "dit":
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
+        if ("text" in state) != (tokens is not None):
+            raise SystemExit(f"the checkpoint in {ckpt.path.parent} was trained with{'out' if 'text' not in state else ''}"
+                             " --text-lr; resume it the same way or use a new --workdir")
+        for k, m in modules.items():
+            m.load_state_dict(state[k])
+            emas[k].load_state_dict(state["ema" if k == "model" else f"ema_{k}"])
         opt.load_state_dict(state["opt"])
         start = state["step"]
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + start)
@@ -241,13 +269,17 @@ def train_transformer(pipe, cfg: TrainConfig, recipe: Recipe, z: torch.Tensor, f
     bar = tqdm(range(start, cfg.dit_steps), desc="transformer", initial=start, total=cfg.dit_steps, mininterval=5)
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = _lr(step, cfg.dit_steps, cfg.dit_lr, warmup=100 if cfg.dit_steps > 200 else 1)
+            g["lr"] = _lr(step, cfg.dit_steps, g["peak"], warmup=100 if cfg.dit_steps > 200 else 1)
         idx = torch.randint(len(z), (cfg.dit_batch,), generator=gen)
         x0 = z[idx.to(z.device)]
         keys = ["" if rng.random() < cfg.prompt_dropout else prompts[i] for i in idx.tolist()]
-        emb = torch.stack([text[k][0] for k in keys])
         pooled = torch.stack([text[k][1] for k in keys])
-        mask = torch.stack([text[k][2] for k in keys])
+        if tokens is None:
+            emb = torch.stack([text[k][0] for k in keys])
+            mask = torch.stack([text[k][2] for k in keys])
+        else:
+            mask = torch.stack([tokens[k][1] for k in keys])
+            emb = llama_states(pipe.text_encoder, torch.stack([tokens[k][0] for k in keys]), mask)
         sigma = _sample_sigma(cfg, gen).to(z.device)
         noise = torch.randn(x0.shape, generator=gen).to(z.device)
         s = sigma.view(-1, 1, 1, 1, 1)
@@ -258,19 +290,22 @@ def train_transformer(pipe, cfg: TrainConfig, recipe: Recipe, z: torch.Tensor, f
         loss = (weight * (pred - (noise - x0)).pow(2)).mean() / weight.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
         opt.step()
         decay = min(cfg.dit_ema, (1 + step) / (10 + step))
         with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - decay)
+            for k, m in modules.items():
+                for pe, pm in zip(emas[k].parameters(), m.parameters()):
+                    pe.lerp_(pm, 1 - decay)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         log({"stage": "dit", "step": step, "loss": loss.item()})
         if (step + 1) % every == 0 or step + 1 == cfg.dit_steps:
-            ckpt.save({"stage": "dit", "step": step + 1, "model": model.state_dict(), "ema": ema.state_dict(),
-                       "opt": opt.state_dict()})
-    model.load_state_dict(ema.state_dict())
-    model.eval().requires_grad_(False)
+            ckpt.save({"stage": "dit", "step": step + 1, "opt": opt.state_dict(),
+                       **{k: m.state_dict() for k, m in modules.items()},
+                       **{("ema" if k == "model" else f"ema_{k}"): e.state_dict() for k, e in emas.items()}})
+    for k, m in modules.items():
+        m.load_state_dict(emas[k].state_dict())
+        m.eval().requires_grad_(False)
 
 
 @torch.no_grad()
@@ -325,7 +360,7 @@ Held out of training: the (colour, shape) pairs {held_out} and all seeds >= {eva
 {config}
 ```
 VAE reconstruction after training: {vae_psnr:.1f} dB PSNR on 32 held-out clips.
-The text encoders are frozen at their seeded random init; word-level tokenizers built offline.
+{text_encoders}; word-level tokenizers built offline.
 
 ## Use
 Loaded like real weights (`HunyuanVideoPipeline.from_pretrained`); `generation_config.json` holds
@@ -380,6 +415,9 @@ def main(argv: list[str] | None = None) -> None:
                              "encoder frozen, so the latents the transformer learned stay valid (default 0)")
     parser.add_argument("--dit-steps", type=int, help="override the transformer steps")
     parser.add_argument("--dit-lr", type=float, help="override the transformer peak learning rate")
+    parser.add_argument("--text-lr", type=float,
+                        help="train the Llama text encoder with the transformer at this peak learning rate "
+                             "(default 0: it stays as it is); the CLIP encoder stays frozen")
     parser.add_argument("--dit-fg-weight", type=float,
                         help="loss weight of latents under the shape relative to the background (default 1)")
     args = parser.parse_args(argv)
@@ -394,7 +432,8 @@ def main(argv: list[str] | None = None) -> None:
     recipe = RECIPES[args.recipe]
 
     cfg = TrainConfig.smoke() if args.smoke else TrainConfig()
-    overrides = ("vae_frame_steps", "vae_clip_steps", "vae_decoder_steps", "dit_steps", "dit_lr", "dit_fg_weight")
+    overrides = ("vae_frame_steps", "vae_clip_steps", "vae_decoder_steps", "dit_steps", "dit_lr", "dit_fg_weight",
+                 "text_lr")
     cfg = replace(cfg, **{k: getattr(args, k) for k in overrides if getattr(args, k) is not None})
     torch.set_num_threads(cfg.threads)
     workdir = Path(args.workdir)
@@ -482,6 +521,9 @@ def main(argv: list[str] | None = None) -> None:
             device_name=(torch.cuda.get_device_name() if args.device.startswith("cuda")
                          else f"CPU, {cfg.threads} threads"), config=json.dumps(asdict(cfg), indent=2),
             vae_psnr=vae_psnr, cfg_scale=recipe.true_cfg_scale,
+            text_encoders=(f"The Llama trained with the transformer (peak lr {cfg.text_lr:g}), CLIP frozen at its seeded "
+                           "random init" if cfg.text_lr > 0 else "The text encoders are frozen at their seeded random "
+                           "init" if not args.init_from else f"The text encoders are those of {args.init_from}"),
             scores="Run `python -m bench.tiny_model` to score this model; its figures are pasted here.")
         save(pipe, args.output, card=card, recipe=recipe)
         print(f"saved the trained pipeline to {args.output} after {minutes:.1f} minutes")
