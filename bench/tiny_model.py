@@ -25,6 +25,7 @@ import argparse
 import json
 import platform
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,12 @@ def adherence(gen: Generator, w: World, n: int) -> dict:
     vae_psnr = float(np.mean([psnr(a, b, per_frame=False) for a, b in zip(truth, recon)]))
     held = [w.held_out(s) for s in specs]
     counts = [w.num_objects(s) for s in specs]
+    verdicts = getattr(scorer, "object_verdicts", None)  # worlds with several objects say how each one failed
+    binding = None
+    if verdicts and max(counts) > 1:
+        objects = [v for smp, c in zip(samples, counts) if c > 1 for v in verdicts(smp.frames, smp.request.prompt)]
+        binding = {"clips": sum(c > 1 for c in counts), "objects": len(objects),
+                   **{a: dict(Counter(v[a] for v in objects).most_common()) for a in ("motion", "shape")}}
     return {
         "n": n,
         "attributes": list(scorer.ATTRIBUTES),
@@ -70,6 +77,7 @@ def adherence(gen: Generator, w: World, n: int) -> dict:
         "generated_by_objects": {
             k: {"n": counts.count(k), **scorer.accuracy([r for r, c in zip(generated, counts) if c == k])}
             for k in sorted(set(counts))},
+        "binding": binding,
         "ground_truth": scorer.accuracy([scorer.score(f, s.prompt) for f, s in zip(truth, specs)]),
         "vae_reconstruction": scorer.accuracy([scorer.score(f, s.prompt) for f, s in zip(recon, specs)]),
         "vae_psnr_db": vae_psnr,
@@ -141,6 +149,14 @@ def smoothness(model, w: World, prompts: int = 8, steps: int = 50) -> dict:
     return table
 
 
+def _binding_lines(binding: dict | None) -> list[str]:
+    if not binding:
+        return []
+    return [f"Per object, in the {binding['clips']} generated clips with several objects ({binding['objects']} "
+            "objects asked for; \"another object's\" motion is a binding error):", "",
+            *(f"- {a}: " + ", ".join(f"{k} {v}" for k, v in binding[a].items()) for a in ("motion", "shape")), ""]
+
+
 def render_markdown(model_name: str, w: World, adh: dict, real: dict, spd: dict, smooth: dict, command: str) -> str:
     attributes = adh["attributes"]
 
@@ -170,6 +186,7 @@ def render_markdown(model_name: str, w: World, adh: dict, real: dict, spd: dict,
         "",
         f"VAE reconstruction PSNR on these clips: {adh['vae_psnr_db']:.1f} dB.",
         "",
+        *_binding_lines(adh["binding"]),
         f"## Realism: {real['steps']} plain steps against {real['full_steps']} (no caching, same prompts and seeds)",
         "",
         f"PSNR of each clip to its {real['full_steps']}-step clip: median {real['median_db']:.1f} dB, "

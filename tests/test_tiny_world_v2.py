@@ -103,3 +103,23 @@ def test_scorer_catches_wrong_shape_colour_and_motion():
     one = _scene(ask[:1], background="green")
     r = scorer_v2.score(world_v2.render(one), scene.prompt)
     assert not r["count"] and not r["color"]
+
+
+def test_object_verdicts_name_a_binding_error_apart_from_other_motion_errors():
+    ask = [{"color": "yellow", "shape": "triangle", "motion": "right", "pace": "quickly"},
+           {"color": "blue", "shape": "square", "motion": "up", "pace": "slowly"}]
+    scene = _scene(ask, background="green")
+    frames = world_v2.render(scene)
+    assert scorer_v2.object_verdicts(frames, scene.prompt) == [{"shape": "right", "motion": "right"}] * 2
+    # Each object drawn with the other's motion (and shape): the prompt's words bound to the wrong objects.
+    bound_wrong = _scene([{**ask[0], **{k: ask[1][k] for k in ("shape", "motion", "pace")}},
+                          {**ask[1], **{k: ask[0][k] for k in ("shape", "motion", "pace")}}], background="green")
+    assert scorer_v2.object_verdicts(world_v2.render(bound_wrong), scene.prompt) == [
+        {"shape": "square for triangle", "motion": "another object's"},
+        {"shape": "triangle for square", "motion": "another object's"}]
+    # Played backwards neither object moves as any object was asked to; slowed down, the pace is wrong.
+    assert [v["motion"] for v in scorer_v2.object_verdicts(frames[::-1], scene.prompt)] == ["wrong direction"] * 2
+    slow = _scene([{**ask[0], "pace": "slowly"}, ask[1]], background="green")
+    assert scorer_v2.object_verdicts(world_v2.render(slow), scene.prompt)[0]["motion"] == "wrong pace"
+    one = _scene(ask[:1], background="green")
+    assert scorer_v2.object_verdicts(world_v2.render(one), scene.prompt)[1] == {"shape": "missing", "motion": "missing"}

@@ -139,6 +139,36 @@ def score(frames: np.ndarray, prompt: str) -> dict[str, bool]:
     }
 
 
+def object_verdicts(frames: np.ndarray, prompt: str) -> list[dict[str, str]]:
+    """What the clip shows of each object the prompt asks for, as words: `score` says a scene is wrong, this
+    says how. Shape: "right" or "<drawn> for <asked>"; motion: "right", "another object's" (a binding error: the
+    motion the prompt gives one of the other objects), "wrong pace", "still, asked to move", "moving, asked to
+    stand still" or "wrong direction"; both "missing" when no piece of the object's colour is found."""
+    want, _ = parse_prompt(prompt)
+    got = estimate(frames)
+    verdicts = []
+    for o in want:
+        g = got.objects.get(o.color)
+        if g is None:
+            verdicts.append({"shape": "missing", "motion": "missing"})
+            continue
+        asked, drawn = (o.motion, o.pace), (g.motion, g.pace)
+        if drawn == asked:
+            motion = "right"
+        elif drawn in [(x.motion, x.pace) for x in want if x is not o]:
+            motion = "another object's"
+        elif g.motion == o.motion:
+            motion = "wrong pace"
+        elif g.motion == "still":
+            motion = "still, asked to move"
+        elif o.motion == "still":
+            motion = "moving, asked to stand still"
+        else:
+            motion = "wrong direction"
+        verdicts.append({"shape": "right" if g.shape == o.shape else f"{g.shape} for {o.shape}", "motion": motion})
+    return verdicts
+
+
 def accuracy(results: list[dict[str, bool]]) -> dict[str, float]:
     """Per-attribute accuracy plus `all` (every attribute right) over many clips."""
     return v1_scorer.accuracy(results, ATTRIBUTES)
