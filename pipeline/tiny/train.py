@@ -248,10 +248,11 @@ def train_transformer(pipe, cfg: TrainConfig, recipe: Recipe, z: torch.Tensor, f
     emas = {k: copy.deepcopy(m).requires_grad_(False) for k, m in modules.items()}
     tokens = tokenize_prompts(pipe, prompts, recipe) if "text" in modules else None
     model.train().requires_grad_(True)
-    groups = [{"params": list(model.parameters()), "peak": cfg.dit_lr}]
+    groups, peaks = [{"params": list(model.parameters())}], [cfg.dit_lr]
     if tokens is not None:
         pipe.text_encoder.requires_grad_(True)
-        groups.append({"params": list(pipe.text_encoder.parameters()), "peak": cfg.text_lr})
+        groups.append({"params": list(pipe.text_encoder.parameters())})
+        peaks.append(cfg.text_lr)
     opt = torch.optim.AdamW(groups, lr=cfg.dit_lr, betas=(0.9, 0.99), weight_decay=0.01)
     start = 0
     state = ckpt.load()
@@ -268,8 +269,8 @@ def train_transformer(pipe, cfg: TrainConfig, recipe: Recipe, z: torch.Tensor, f
     rng = random.Random(f"{cfg.seed}-dit-{start}")
     bar = tqdm(range(start, cfg.dit_steps), desc="transformer", initial=start, total=cfg.dit_steps, mininterval=5)
     for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = _lr(step, cfg.dit_steps, g["peak"], warmup=100 if cfg.dit_steps > 200 else 1)
+        for g, peak in zip(opt.param_groups, peaks):
+            g["lr"] = _lr(step, cfg.dit_steps, peak, warmup=100 if cfg.dit_steps > 200 else 1)
         idx = torch.randint(len(z), (cfg.dit_batch,), generator=gen)
         x0 = z[idx.to(z.device)]
         keys = ["" if rng.random() < cfg.prompt_dropout else prompts[i] for i in idx.tolist()]
