@@ -6,11 +6,12 @@ Stages, each checkpointed so an interrupted run resumes where it stopped:
   1. VAE on single frames (cheap warm-up of the spatial path);
   2. VAE on full clips (time axis, fresh warm-up and cosine decay);
   3. latent scaling factor, then a pool of encoded training clips;
+  (optional) the Llama pretrained on which words belong to one object (`--text-pretrain-steps`);
   4. transformer by flow matching (x_t = (1 - s) x0 + s * noise, target noise - x0, timestep
      s * 1000, matching `FlowMatchEulerDiscreteScheduler`; s drawn with the sampler's flow shift),
      10% prompt dropout for CFG, EMA.
-The text encoders stay at their seeded random init unless `--text-lr` trains the Llama with the
-transformer. `--smoke` runs a few steps of each stage.
+The text encoders stay at their seeded random init unless the Llama is pretrained first or trained
+with the transformer (`--text-lr`). `--smoke` runs a few steps of each stage.
 
     python -m pipeline.tiny.train --workdir /tmp/tiny-train --output pipeline/tiny/model
 """
@@ -63,6 +64,9 @@ class TrainConfig:
     dit_ema: float = 0.998
     dit_fg_weight: float = 1.0
     text_lr: float = 0.0
+    text_pretrain_steps: int = 0
+    text_pretrain_batch: int = 64
+    text_pretrain_lr: float = 3e-3
     prompt_dropout: float = 0.1
     sigma_uniform: float = 0.5
     sigma_shift: float = FLOW_SHIFT
@@ -232,6 +236,64 @@ def llama_states(text_encoder, ids: torch.Tensor, mask: torch.Tensor) -> torch.T
     return text_encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-3]
 
 
+def _phrase_targets(pipe, prompts: list[str], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token, the words of its own phrase (a phrase starts at each article: "a red circle moving quickly left
+    and", "a blue square standing still on", "a green background") as a multi-hot over the vocabulary, and which
+    tokens have one (not `<s>` or padding). (N, length, vocab), (N, length)."""
+    vocab = len(pipe.tokenizer)
+    targets, valid = torch.zeros(len(prompts), length, vocab), torch.zeros(len(prompts), length, dtype=torch.bool)
+    for n, prompt in enumerate(prompts):
+        words = prompt.split()
+        ids = pipe.tokenizer.convert_tokens_to_ids(words)
+        phrase = np.cumsum([w in ("a", "an") for w in words])
+        for i in range(min(len(words), length - 1)):
+            targets[n, i + 1, [t for t, ph in zip(ids, phrase) if ph == phrase[i]]] = 1.0
+            valid[n, i + 1] = True
+    return targets, valid
+
+
+def pretrain_text_encoder(pipe, cfg: TrainConfig, recipe: Recipe, ckpt: _Checkpoint, log, every: int) -> None:
+    """Teach the Llama what HunyuanVideo's pretrained one knows and a random one does not: which words belong to
+    one object. From the states the pipeline reads, a linear head predicts every word of each token's own phrase
+    (the one it ends, for its last words), so an object's shape and motion words carry its colour and not the
+    other objects'. The transformer sees text tokens without positions (no RoPE on them), so that binding must
+    come from these states. The head is thrown away; the CLIP encoder stays as it is."""
+    te = pipe.text_encoder
+    head = torch.nn.Linear(te.config.hidden_size, len(pipe.tokenizer)).to(pipe.device)
+    te.train().requires_grad_(True)
+    params = [*te.parameters(), *head.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.text_pretrain_lr, betas=(0.9, 0.99), weight_decay=0.01)
+    start = 0
+    state = ckpt.load()
+    if state and state["stage"] == "text":
+        te.load_state_dict(state["text"])
+        head.load_state_dict(state["head"])
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
+    rng = random.Random(f"{cfg.seed}-text-{start}")
+    steps = cfg.text_pretrain_steps
+    bar = tqdm(range(start, steps), desc="text", initial=start, total=steps, mininterval=5)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, steps, cfg.text_pretrain_lr, warmup=max(1, steps // 20))
+        prompts = [recipe.sample(rng.randrange(world.EVAL_SEED_BASE)).prompt for _ in range(cfg.text_pretrain_batch)]
+        t = pipe.tokenizer(prompts, max_length=recipe.max_sequence_length, padding="max_length", truncation=True,
+                           return_tensors="pt")
+        target, valid = _phrase_targets(pipe, prompts, recipe.max_sequence_length)
+        logits = head(llama_states(te, t.input_ids.to(pipe.device), t.attention_mask.to(pipe.device)))
+        loss = F.binary_cross_entropy_with_logits(logits[valid], target[valid].to(pipe.device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        log({"stage": "text", "step": step, "loss": loss.item()})
+        if (step + 1) % every == 0 or step + 1 == steps:
+            ckpt.save({"stage": "text", "step": step + 1, "text": te.state_dict(), "head": head.state_dict(),
+                       "opt": opt.state_dict()})
+    te.eval().requires_grad_(False)
+
+
 def train_transformer(pipe, cfg: TrainConfig, recipe: Recipe, z: torch.Tensor, fg: torch.Tensor, prompts: list[str],
                       ckpt: _Checkpoint, log, every: int) -> None:
     """Flow matching; latents under the shape weigh `dit_fg_weight` times the background's.
@@ -343,6 +405,16 @@ def warm_start_transformer(model, source) -> list[str]:
     return converted
 
 
+def _text_encoders_note(cfg: TrainConfig, init_from: str | None) -> str:
+    source = f"{init_from}'s" if init_from else "their seeded random init"
+    done = [f"pretrained {cfg.text_pretrain_steps} steps on which words belong to one object"] * bool(
+        cfg.text_pretrain_steps) + [f"trained with the transformer (peak lr {cfg.text_lr:g})"] * (cfg.text_lr > 0)
+    if not done:
+        return f"The text encoders are {init_from}'s, unchanged" if init_from else \
+            "The text encoders are frozen at their seeded random init"
+    return f"The text encoders start from {source}; the Llama is then " + " and ".join(done) + ", CLIP unchanged"
+
+
 MODEL_CARD = """# tiny-hunyuanvideo (moving shapes)
 
 A test and demo model, **not a video generator**. It has the exact component classes of
@@ -419,6 +491,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text-lr", type=float,
                         help="train the Llama text encoder with the transformer at this peak learning rate "
                              "(default 0: it stays as it is); the CLIP encoder stays frozen")
+    parser.add_argument("--text-pretrain-steps", type=int,
+                        help="before the transformer, teach the Llama which words belong to one object (each "
+                             "token's state predicts its phrase's words; see pretrain_text_encoder) for this many "
+                             "steps (default 0); the transformer then reads the pretrained, frozen Llama")
     parser.add_argument("--dit-fg-weight", type=float,
                         help="loss weight of latents under the shape relative to the background (default 1)")
     args = parser.parse_args(argv)
@@ -434,7 +510,7 @@ def main(argv: list[str] | None = None) -> None:
 
     cfg = TrainConfig.smoke() if args.smoke else TrainConfig()
     overrides = ("vae_frame_steps", "vae_clip_steps", "vae_decoder_steps", "dit_steps", "dit_lr", "dit_fg_weight",
-                 "text_lr")
+                 "text_lr", "text_pretrain_steps")
     cfg = replace(cfg, **{k: getattr(args, k) for k in overrides if getattr(args, k) is not None})
     torch.set_num_threads(cfg.threads)
     workdir = Path(args.workdir)
@@ -507,6 +583,11 @@ def main(argv: list[str] | None = None) -> None:
             print(f"saved the VAE stage to {args.output}")
         return
 
+    if cfg.text_pretrain_steps and (workdir / "text.pt").exists():  # a resume of the transformer stage
+        pipe.text_encoder.load_state_dict(torch.load(workdir / "text.pt", map_location=args.device))
+    elif cfg.text_pretrain_steps:
+        pretrain_text_encoder(pipe, cfg, recipe, ckpt, log, args.checkpoint_every)
+        torch.save(pipe.text_encoder.state_dict(), workdir / "text.pt")
     if train_dit:
         train_transformer(pipe, cfg, recipe, z, fg, prompts, ckpt, log, args.checkpoint_every)
     minutes = (time.time() - t0) / 60
@@ -522,9 +603,7 @@ def main(argv: list[str] | None = None) -> None:
             device_name=(torch.cuda.get_device_name() if args.device.startswith("cuda")
                          else f"CPU, {cfg.threads} threads"), config=json.dumps(asdict(cfg), indent=2),
             vae_psnr=vae_psnr, cfg_scale=recipe.true_cfg_scale,
-            text_encoders=(f"The Llama trained with the transformer (peak lr {cfg.text_lr:g}), CLIP frozen at its seeded "
-                           "random init" if cfg.text_lr > 0 else "The text encoders are frozen at their seeded random "
-                           "init" if not args.init_from else f"The text encoders are those of {args.init_from}"),
+            text_encoders=_text_encoders_note(cfg, args.init_from),
             scores="Run `python -m bench.tiny_model` to score this model; its figures are pasted here.")
         save(pipe, args.output, card=card, recipe=recipe)
         print(f"saved the trained pipeline to {args.output} after {minutes:.1f} minutes")
