@@ -223,12 +223,18 @@ def encode_prompts(pipe, prompts: list[str],
     return out
 
 
-def tokenize_prompts(pipe, prompts: list[str], recipe: Recipe) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Llama token ids and attention mask per prompt, as `encode_prompt` tokenizes them (no template)."""
-    keys = sorted(set(prompts) | {""})
-    t = pipe.tokenizer(keys, max_length=recipe.max_sequence_length, padding="max_length", truncation=True,
+def _llama_tokens(pipe, prompts: list[str], recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor]:
+    """Llama token ids and attention masks, as `encode_prompt` tokenizes prompts (no template)."""
+    t = pipe.tokenizer(prompts, max_length=recipe.max_sequence_length, padding="max_length", truncation=True,
                        return_tensors="pt")
-    return {k: (t.input_ids[i].to(pipe.device), t.attention_mask[i].to(pipe.device)) for i, k in enumerate(keys)}
+    return t.input_ids.to(pipe.device), t.attention_mask.to(pipe.device)
+
+
+def tokenize_prompts(pipe, prompts: list[str], recipe: Recipe) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Token ids and attention mask per distinct prompt (and the empty one, for prompt dropout)."""
+    keys = sorted(set(prompts) | {""})
+    ids, mask = _llama_tokens(pipe, keys, recipe)
+    return {k: (ids[i], mask[i]) for i, k in enumerate(keys)}
 
 
 def llama_states(text_encoder, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -277,10 +283,8 @@ def pretrain_text_encoder(pipe, cfg: TrainConfig, recipe: Recipe, ckpt: _Checkpo
         for g in opt.param_groups:
             g["lr"] = _lr(step, steps, cfg.text_pretrain_lr, warmup=max(1, steps // 20))
         prompts = [recipe.sample(rng.randrange(world.EVAL_SEED_BASE)).prompt for _ in range(cfg.text_pretrain_batch)]
-        t = pipe.tokenizer(prompts, max_length=recipe.max_sequence_length, padding="max_length", truncation=True,
-                           return_tensors="pt")
         target, valid = _phrase_targets(pipe, prompts, recipe.max_sequence_length)
-        logits = head(llama_states(te, t.input_ids.to(pipe.device), t.attention_mask.to(pipe.device)))
+        logits = head(llama_states(te, *_llama_tokens(pipe, prompts, recipe)))
         loss = F.binary_cross_entropy_with_logits(logits[valid], target[valid].to(pipe.device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
