@@ -123,3 +123,21 @@ def test_object_verdicts_name_a_binding_error_apart_from_other_motion_errors():
     assert scorer_v2.object_verdicts(world_v2.render(slow), scene.prompt)[0]["motion"] == "wrong pace"
     one = _scene(ask[:1], background="green")
     assert scorer_v2.object_verdicts(world_v2.render(one), scene.prompt)[1] == {"shape": "missing", "motion": "missing"}
+
+
+def test_rebound_prompt_hands_each_objects_shape_and_motion_to_the_next():
+    ask = [{"color": "yellow", "shape": "triangle", "motion": "right", "pace": "quickly"},
+           {"color": "blue", "shape": "square", "motion": "up", "pace": "slowly"},
+           {"color": "red", "shape": "circle", "motion": "still"}]
+    scene = _scene(ask, background="green")
+    wants, background = world_v2.parse_prompt(world_v2.rebound_prompt(scene))
+    assert background == "green"
+    assert [(o.color, o.shape, o.motion, o.pace) for o in wants] == [
+        ("yellow", "circle", "still", None), ("blue", "triangle", "right", "quickly"), ("red", "square", "up", "slowly")]
+    # Against the true clip the scorer names it a binding error for every object, not a missing or strange one.
+    verdicts = scorer_v2.object_verdicts(world_v2.render(scene), world_v2.rebound_prompt(scene))
+    assert [v["motion"] for v in verdicts] == ["another object's"] * 3
+    assert [v["shape"] for v in verdicts] == ["triangle for circle", "square for triangle", "circle for square"]
+    # Nothing to rebind in a scene of one object.
+    one = _scene(ask[:1], background="green")
+    assert world_v2.rebound_prompt(one) == one.prompt

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -225,6 +225,16 @@ def render(scene: SceneSpec, height: int = HEIGHT, width: int = WIDTH, num_frame
             img = cover * colour(o.color, o.texture, cx, cy) + (1 - cover) * img
         frames[f] = np.clip(np.rint(img), 0, 255).astype(np.uint8)
     return frames
+
+
+def rebound_prompt(scene: SceneSpec) -> str:
+    """The scene's prompt with each object's shape and motion handed to the next object (the last's to the
+    first), colours in place: the binding error a model cannot tell from the true prompt unless it knows which
+    words belong to which object. The same prompt for a scene whose objects all look and move alike."""
+    objs = scene.objects
+    moved = tuple(replace(o, shape=prev.shape, motion=prev.motion, pace=prev.pace)
+                  for o, prev in zip(objs, objs[-1:] + objs[:-1]))
+    return replace(scene, objects=moved).prompt
 
 
 def eval_scenes(n: int = 48, *, height: int = HEIGHT, width: int = WIDTH,

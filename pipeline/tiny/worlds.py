@@ -33,6 +33,7 @@ class World:
     scorer: ModuleType
     held_out: Callable[[object], bool]  # does the clip use a (colour, shape) pair held out of training
     num_objects: Callable[[object], int] = lambda spec: 1
+    rebound_prompt: Callable[[object], str] | None = None  # the prompt with attributes handed to other objects
     eval_seed_base: int = world.EVAL_SEED_BASE
 
     def score(self, frames: np.ndarray, prompt: str) -> dict[str, bool]:
@@ -45,7 +46,7 @@ WORLDS = {
                 lambda s: (s.color, s.shape) in world.HELD_OUT_PAIRS),
     "v2": World("v2", world_v2.eval_scenes, lambda seed: world_v2.sample_scene(seed, split="eval"), world_v2.render,
                 scorer_v2, lambda s: any((o.color, o.shape) in world_v2.HELD_OUT_PAIRS for o in s.objects),
-                lambda s: len(s.objects)),
+                lambda s: len(s.objects), world_v2.rebound_prompt),
 }
 
 
