@@ -111,3 +111,20 @@ def test_warm_start_spreads_a_patch_1_transformer_over_patch_2():
     other = HunyuanVideoTransformer3DModel(**{**TRANSFORMER_CONFIG, "num_layers": 1})
     with pytest.raises(ValueError, match="transformer_blocks.1"):  # the source has a block more
         warm_start_transformer(other, small)
+
+
+def test_binding_gap_measures_the_prompts_pull_on_the_trained_v2_and_skips_one_object_worlds():
+    from bench.tiny_model import binding_gap
+    from pipeline.config import ModelConfig
+    from pipeline.loading import load_pipeline
+    from pipeline.tiny.worlds import world_of
+
+    v2 = load_pipeline(ModelConfig(model=str(BUNDLED_MODEL_DIR.parent / "model_v2_wip")))
+    gap = binding_gap(v2, world_of(v2.info.path), 6, sigmas=(0.95,), draws=1)
+    assert gap["clips"] == 3  # eval scenes 3-5 have two objects each
+    row = gap["by_sigma"]["0.95"]
+    # A trained model predicts far worse flows for another clip's prompt; ignoring prompts would give 0.
+    assert row["other_gain"] > 0.2, row
+    assert abs(row["rebound_gain"]) < row["other_gain"], row
+    v1 = load_pipeline(ModelConfig(model=str(BUNDLED_MODEL_DIR)))
+    assert binding_gap(v1, world_of(v1.info.path), 6) is None
