@@ -47,6 +47,11 @@ def _requests(w: World, n: int, steps: int | None = None) -> tuple[list, list[Sa
     return specs, [SampleRequest(prompt=s.prompt, seed=w.eval_seed_base + i, **extra) for i, s in enumerate(specs)]
 
 
+def _clip_tensor(clips: list[np.ndarray]) -> torch.Tensor:
+    """uint8 clips (T, H, W, 3) as the VAE's input: (N, 3, T, H, W) in [-1, 1]."""
+    return torch.from_numpy(np.stack(clips)).float().div(127.5).sub(1).permute(0, 4, 1, 2, 3)
+
+
 def adherence(gen: Generator, w: World, n: int) -> dict:
     specs, requests = _requests(w, n)
     scorer = w.scorer
@@ -57,7 +62,7 @@ def adherence(gen: Generator, w: World, n: int) -> dict:
     recon = []
     with torch.no_grad():
         for i in range(0, len(truth), 8):
-            x = torch.from_numpy(np.stack(truth[i:i + 8])).float().div(127.5).sub(1).permute(0, 4, 1, 2, 3).to(vae.device)
+            x = _clip_tensor(truth[i:i + 8]).to(vae.device)
             y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
             recon += list(((y + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy())
     vae_psnr = float(np.mean([psnr(a, b, per_frame=False) for a, b in zip(truth, recon)]))
@@ -170,7 +175,7 @@ def binding_gap(model, w: World, n: int, sigmas: tuple[float, ...] = (0.99, 0.95
                "other": [specs[i - 1].prompt for i in range(len(specs))]}
     text = {k: pipe.encode_prompt(prompt=v, prompt_template=defaults.prompt_template, device=pipe.device,
                                   max_sequence_length=defaults.max_sequence_length) for k, v in prompts.items()}
-    x = torch.from_numpy(np.stack([w.render(s) for s in specs])).float().div(127.5).sub(1).permute(0, 4, 1, 2, 3)
+    x = _clip_tensor([w.render(s) for s in specs])
     vae = pipe.vae
     z = torch.cat([vae.encode(c.to(vae.device, vae.dtype)).latent_dist.mean for c in x.split(8)])
     z = z.to(pipe.transformer.dtype) * vae.config.scaling_factor
