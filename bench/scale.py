@@ -45,8 +45,10 @@ import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results" / "scale.md"
-PROMPTS = ["a red circle moving left on a blue background", "a green square moving up on a black background",
-           "a white triangle standing still on a red background", "a yellow circle moving down on a green background"]
+PROMPTS = ["a red circle moving quickly left on a blue background",
+           "a green square moving quickly up on a black background",
+           "a white triangle standing still on a red background",
+           "a yellow circle moving quickly down on a green background"]
 # The replaced design (commit b3e7ba5..b3ef5e8), as measured and quoted in issue 18 on 2 cores.
 OLD = {"first_commit_s": {200_000: 12.0, 1_000_000: 46.0}, "driver_mb": {1_000_000: 1600.0},
        "driver_growth_mb": {200_000: 190.0}, "resume_local_s_per_file": 11.4 / 5000}

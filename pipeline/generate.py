@@ -1,6 +1,6 @@
 """Generation in one process: requests in, frames and stats out; and the one-off CLI.
 
-    python -m pipeline.generate --prompt "a red circle moving left on a blue background" --output ./outputs
+    python -m pipeline.generate --prompt "a red circle moving quickly left on a blue background" --output ./outputs
     torchrun --nproc-per-node 4 -m pipeline.generate --ulysses-degree 2 --ring-degree 2 --prompt ... --output ...
 
 `Generator` is the engine (model + SpeCa) used by the CLI here and by the Ray job's replicas.

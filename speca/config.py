@@ -144,7 +144,7 @@ PRESETS: dict[str, SpeCaConfig] = {
     # Our default: lean cache, ratio-of-sums error, 3 warm-up steps, and a threshold that starts 16x
     # stricter than it ends (0.006 -> 0.096): a draft error while the layout forms moves the whole
     # trajectory (a second copy of an object), one late in the run only blurs detail. Tuned on 48
-    # calibration prompts that are not bench.caching's evaluation prompts (bundled model, 50 steps):
+    # calibration prompts that are not bench.caching's evaluation prompts (bundled model v1, 50 steps):
     # the paper's direction (0.05 -> 0.025) gave 2.62x fewer FLOPs with a worst clip of 26.2 dB and
     # 3 clips judged otherwise than uncached; this gave 2.32x, worst 31.4 dB, none. The 96 prompts
     # of bench/results/speca_tuning.md add a chaotic clip (22.5 dB; an exploratory check kept only 27.6
@@ -152,9 +152,9 @@ PRESETS: dict[str, SpeCaConfig] = {
     # bench/results/caching.md has the evaluation run and the ablations.
     "default": SpeCaConfig(),
     # The default with the check on 1/8 of the video tokens (plus all text tokens) and thresholds
-    # x1.25: on a shallow model a full-token check is a large share of a step (1/6 on the bundled
-    # 6-block model, 1/60 on HunyuanVideo), and the saving buys more drafts. HunyuanVideo only, one
-    # process (sequence parallelism refuses it). Tuned on 96 calibration prompts (bundled model, 50
+    # x1.25: on a shallow model a full-token check is a large share of a step (1/6 on the 6-block v1
+    # bundled model, 1/12 on v2, 1/60 on HunyuanVideo), and the saving buys more drafts. HunyuanVideo
+    # only, one process (sequence parallelism refuses it). Tuned on 96 calibration prompts (bundled model v1, 50
     # steps, bench/results/speca_tuning.md): 3.20x fewer FLOPs against the default's 2.31x, mean /
     # p10 / worst PSNR 40.0 / 35.9 / 22.6 dB against 40.5 / 34.9 / 22.5, 5 clips judged otherwise
     # than uncached against 4 (the worst clip is the chaotic one).

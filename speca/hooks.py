@@ -427,7 +427,7 @@ def apply_speca(target, config: SpeCaConfig | None = None, *,
 
     Example:
         >>> session = apply_speca(pipe, SpeCaConfig.from_name("default"))
-        >>> video = pipe(prompt="a red circle moving left on a blue background", ...).frames
+        >>> video = pipe(prompt="a red circle moving quickly left on a blue background", ...).frames
         >>> session.stats()[0].step_pattern  # e.g. 'FFFSSSRSS...'
         >>> disable_speca(pipe)
     """

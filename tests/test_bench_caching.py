@@ -214,7 +214,8 @@ def test_pab_state_is_shared_by_cfg_branches_and_the_wrapper_splits_it(tiny_mode
                             for h in m._diffusers_hook.hooks.values() if hasattr(h, "state")]
     seen = []
     handle = module.register_forward_pre_hook(lambda *_: seen.append(hook.state.iteration))
-    request = SampleRequest(prompt="a red circle moving left on a blue background", seed=0, num_inference_steps=steps)
+    request = SampleRequest(prompt="a red circle moving quickly left on a blue background", seed=0,
+                            num_inference_steps=steps)
     try:
         Generator(tiny_model).generate([request], batch_size=1)
         assert seen == list(range(2 * steps))  # as shipped: one counter, advanced by cond and uncond

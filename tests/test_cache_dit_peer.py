@@ -238,5 +238,5 @@ def test_bad_settings_fail_before_compute(pipe):
     with pytest.raises(ValueError, match="threshold"):
         CacheDitSetting("x", "x", threshold=-1)
     with pytest.raises(ValueError, match="Fn \\+ Bn"):
-        CacheDitSetting("x", "x", Fn=2, Bn=1).enable(pipe, STEPS)
+        CacheDitSetting("x", "x", Fn=3, Bn=2).enable(pipe, STEPS)  # 5 > the bundled model's 4 double blocks
     assert getattr(pipe.transformer, "_context_manager", None) is None

@@ -11,7 +11,7 @@ from pipeline.quality import psnr
 from pipeline.video_io import VideoEncoding, decode_mp4
 from pipeline.writer import stats_path, video_path, write_sample
 
-PROMPT = "a red circle moving left on a blue background"
+PROMPT = "a red circle moving quickly left on a blue background"
 STEPS = 6
 
 
@@ -51,7 +51,7 @@ def test_deterministic_for_a_seed_and_batch_equals_alone(tiny_model):
 
 def test_cli_writes_local_folder(tmp_path, capsys):
     out = tmp_path / "videos-out"
-    code = main(["--prompt", PROMPT, "--prompt", "a green square moving up on a black background",
+    code = main(["--prompt", PROMPT, "--prompt", "a green square moving quickly up on a black background",
                  "--seed", "3", "--seed", "4", "--num-inference-steps", "4", "--speca", "off", "--output", str(out)])
     assert code == 0
     mp4s = sorted(p.name for p in (out / "videos").iterdir())

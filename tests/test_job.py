@@ -19,8 +19,10 @@ from pipeline.storage import Storage
 from pipeline.video_io import decode_mp4
 from pipeline.writer import commit_path, stats_path, video_path, write_commit, write_index
 
-P = ["a red circle moving left on a blue background", "a green square moving up on a black background",
-     "a white triangle standing still on a red background", "a yellow circle moving down on a green background"]
+P = ["a red circle moving quickly left on a blue background",
+     "a green square moving quickly up on a black background",
+     "a white triangle standing still on a red background",
+     "a yellow circle moving quickly down on a green background"]
 FAST = ["--speca", "default", "--batch-size", "2"]
 
 

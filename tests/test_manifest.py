@@ -13,7 +13,7 @@ from pipeline.storage import Storage
 
 INFO = read_model_info("bundled")
 LIMITS = with_token_budget(INFO.limits, INFO.defaults)
-P = "a red circle moving left on a blue background"
+P = "a red circle moving quickly left on a blue background"
 
 
 def test_rows_resolve_defaults_ids_and_carry_extra_columns():

@@ -11,7 +11,8 @@ from pipeline.stats import from_table
 from pipeline.storage import Storage
 from pipeline.video_io import decode_mp4
 
-ARGS = ["--prompt", "a red circle moving left on a blue background", "--prompt", "a green square standing still on a white background",
+ARGS = ["--prompt", "a red circle moving quickly left on a blue background",
+        "--prompt", "a green square standing still on a white background",
         "--seed", "1", "--seed", "2", "--num-inference-steps", "8", "--batch-size", "2", "--crf", "0",
         "--speca", "default", "--speca-tau0", "0.05"]
 

@@ -10,8 +10,10 @@ from speca import SpeCaConfig, apply_speca, disable_speca
 from speca.controller import StepController
 from speca_tester import SpeCaFamilyTests
 
-PROMPTS = ["a red circle moving left on a blue background", "a green square moving up on a black background",
-           "a white triangle standing still on a red background", "a yellow circle moving down on a green background"]
+PROMPTS = ["a red circle moving quickly left on a blue background",
+           "a green square moving quickly up on a black background",
+           "a white triangle standing still on a red background",
+           "a yellow circle moving quickly down on a green background"]
 STEPS = 12
 TEMPLATE = {"template": "{}", "crop_start": 0}
 
@@ -322,15 +324,18 @@ def test_delta_signal_is_not_diluted_by_the_residual_stream(tiny_pipe):
     assert all(d > 1.5 * o > 0 for o, d in zip(output, delta))
 
 
-@pytest.mark.parametrize("verify_first", [False, True])
-def test_token_subset_check_reads_like_the_full_check(tiny_pipe, verify_first):
-    """A quarter of the video tokens through the verified block(s) gives errors within -20% / +50% of the
-    full check's at every step of a run of drafts, and they grow along the run as the full check's do."""
+@pytest.mark.parametrize(("verify_first", "high"), [(False, 1.5), (True, 1.75)])
+def test_token_subset_check_reads_like_the_full_check(tiny_pipe, verify_first, high):
+    """A quarter of the video tokens through the verified block(s) gives errors at most 20% under the full
+    check's (reading low would accept drafts the full check rejects) and at most `high` times it at every step
+    of a run of drafts, growing along the run as the full check's do. On the bundled v2 the last-block check
+    reads 1.01-1.03x the full one; with the first-block check too (an ablation, in no preset) 1.17-1.62x: the
+    first block's error over-reads on a quarter of the tokens, which only makes the check stricter."""
     always = dict(tau0=math.inf, tau_min=math.inf, warmup_steps=3, max_spec=STEPS, verify_first=verify_first)
     full = _check_errors(tiny_pipe, SpeCaConfig(**always))
     subset = _check_errors(tiny_pipe, SpeCaConfig(verify_tokens=0.25, **always))
     assert len(full) == len(subset) == STEPS - 3
-    assert all(0.8 * f < s < 1.5 * f for f, s in zip(full, subset)), (full, subset)
+    assert all(0.8 * f < s < high * f for f, s in zip(full, subset)), (full, subset)
     assert subset == sorted(subset) and full == sorted(full)
 
 

@@ -78,7 +78,7 @@ def test_trainer_smoke_mode_writes_a_loadable_model(tmp_path):
     train.main(["--smoke", "--workdir", str(tmp_path / "work"), "--output", str(out)])
     assert (out / "README.md").read_text().startswith("# tiny-hunyuanvideo")
     gen = Generator(load_pipeline(ModelConfig(model=str(out), device="cpu")))
-    [sample] = gen.generate([SampleRequest(prompt="a red circle moving left on a blue background",
+    [sample] = gen.generate([SampleRequest(prompt="a red circle moving quickly left on a blue background",
                                            num_inference_steps=2)])
     assert sample.frames.shape == (17, 32, 32, 3)
 
@@ -89,7 +89,7 @@ def test_new_transformer_keeps_the_vae_and_starts_the_transformer_fresh(tmp_path
     from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel
 
     from pipeline.tiny import train
-    from pipeline.tiny.build import BUNDLED_MODEL_DIR, TRANSFORMER_CONFIG
+    from pipeline.tiny.build import BUNDLED_MODEL_DIR, BUNDLED_RECIPE, RECIPES
 
     with pytest.raises(SystemExit):
         train.main(["--smoke", "--new-transformer", "--workdir", str(tmp_path / "bad")])
@@ -102,10 +102,24 @@ def test_new_transformer_keeps_the_vae_and_starts_the_transformer_fresh(tmp_path
     assert vae.config.scaling_factor == bundled_vae.config.scaling_factor
     assert all(torch.equal(a, b) for a, b in zip(vae.state_dict().values(), bundled_vae.state_dict().values()))
     new, bundled = (HunyuanVideoTransformer3DModel.from_pretrained(d / "transformer") for d in (out, BUNDLED_MODEL_DIR))
-    assert new.config.num_attention_heads == TRANSFORMER_CONFIG["num_attention_heads"]
+    assert new.config.num_attention_heads == RECIPES[BUNDLED_RECIPE].transformer["num_attention_heads"]
     # Three smoke steps from the seeded init cannot land on the trained weights.
     w, w0 = new.proj_out.weight, bundled.proj_out.weight
     assert (w - w0).abs().max() > 1e-2
+
+
+def test_init_from_a_model_of_another_world_is_refused_before_any_work(tmp_path, capsys):
+    """The default recipe is the bundled model's (v2); continuing v1 needs --recipe v1, not a silent world swap."""
+    import pytest
+
+    from pipeline.tiny import train
+    from pipeline.tiny.build import V1_MODEL_DIR
+
+    with pytest.raises(SystemExit):
+        train.main(["--smoke", "--init-from", str(V1_MODEL_DIR), "--workdir", str(tmp_path / "work")])
+    err = capsys.readouterr().err
+    assert "trained on world v1" in err and "--recipe v1" in err and "(given: --recipe v2)" in err
+    assert not (tmp_path / "work").exists()
 
 
 def test_transformer_from_starts_the_new_transformer_from_a_trained_one(tmp_path, capsys):
@@ -127,7 +141,7 @@ def test_transformer_from_starts_the_new_transformer_from_a_trained_one(tmp_path
                 "--transformer-from", str(BUNDLED_MODEL_DIR), "--workdir", str(tmp_path / "work"), "--output", str(out)])
     assert "transformer warm-started from" in capsys.readouterr().out
     new, trained = (HunyuanVideoTransformer3DModel.from_pretrained(d / "transformer") for d in (out, BUNDLED_MODEL_DIR))
-    fresh = build_pipeline(0, RECIPES["v1"]).transformer
+    fresh = build_pipeline(0, RECIPES["v2"]).transformer
     dist = {name: l1_distance(new, m) for name, m in (("trained", trained), ("fresh", fresh))}
     assert 0 < dist["trained"] < dist["fresh"] / 10, dist
 

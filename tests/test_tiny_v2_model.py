@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKLHunyuanVideo
 
-from pipeline.tiny.build import BUNDLED_MODEL_DIR, GENERATION_DEFAULTS, RECIPES, build_pipeline
+from pipeline.tiny.build import BUNDLED_MODEL_DIR, GENERATION_DEFAULTS, RECIPES, V1_MODEL_DIR, build_pipeline
 from weight_distance import l1_distance
 
 # The same words, colours swapped between the two objects: a bag of words cannot tell them apart.
@@ -74,7 +74,7 @@ def test_v2_smoke_training_in_two_runs_fine_tunes_a_vae_then_trains_a_transforme
     written = json.loads((out / "generation_config.json").read_text())
     assert written["max_sequence_length"] == 32 and written["world"] == "v2"
     assert written["true_cfg_scale"] == 6.0  # HunyuanVideo's guidance; v1 keeps 4
-    assert json.loads((BUNDLED_MODEL_DIR / "generation_config.json").read_text())["true_cfg_scale"] == 4.0
+    assert json.loads((V1_MODEL_DIR / "generation_config.json").read_text())["true_cfg_scale"] == 4.0
     assert "world v2" in (out / "README.md").read_text()
     kept = AutoencoderKLHunyuanVideo.from_pretrained(out / "vae")
     assert kept.config.scaling_factor == tuned.config.scaling_factor
@@ -113,18 +113,18 @@ def test_warm_start_spreads_a_patch_1_transformer_over_patch_2():
         warm_start_transformer(other, small)
 
 
-def test_binding_gap_measures_the_prompts_pull_on_the_trained_v2_and_skips_one_object_worlds():
+def test_binding_gap_measures_the_prompts_pull_on_the_bundled_v2_and_skips_one_object_worlds():
     from bench.tiny_model import binding_gap
     from pipeline.config import ModelConfig
     from pipeline.loading import load_pipeline
     from pipeline.tiny.worlds import world_of
 
-    v2 = load_pipeline(ModelConfig(model=str(BUNDLED_MODEL_DIR.parent / "model_v2_wip")))
+    v2 = load_pipeline(ModelConfig(model=str(BUNDLED_MODEL_DIR)))
     gap = binding_gap(v2, world_of(v2.info.path), 6, sigmas=(0.95,), draws=1)
     assert gap["clips"] == 3  # eval scenes 3-5 have two objects each
     row = gap["by_sigma"]["0.95"]
     # A trained model predicts far worse flows for another clip's prompt; ignoring prompts would give 0.
     assert row["other_gain"] > 0.2, row
     assert abs(row["rebound_gain"]) < row["other_gain"], row
-    v1 = load_pipeline(ModelConfig(model=str(BUNDLED_MODEL_DIR)))
+    v1 = load_pipeline(ModelConfig(model=str(V1_MODEL_DIR)))
     assert binding_gap(v1, world_of(v1.info.path), 6) is None

@@ -28,8 +28,11 @@ from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel,
 
 from . import world, world_v2
 
-# Where the committed model lives, inside the package so a plain install carries it.
+# Where the committed models live, inside the package so a plain install carries them: the bundled
+# default (recipe v2) and the first bundled model (v1), which the v1 benchmark results were measured on.
 BUNDLED_MODEL_DIR = Path(__file__).resolve().parent / "model"
+V1_MODEL_DIR = Path(__file__).resolve().parent / "model_v1"
+BUNDLED_RECIPE = "v2"
 
 TRANSFORMER_CONFIG = dict(
     in_channels=16, out_channels=16, num_attention_heads=8, attention_head_dim=16, num_layers=2,
@@ -68,7 +71,8 @@ class Recipe:
     """One version of the bundled model: its world, architecture and generation defaults.
 
     Args:
-        name: "v1" (the committed model) or "v2" (the harder world, HunyuanVideo's proportions).
+        name: "v2" (the bundled default: the harder world, HunyuanVideo's proportions) or "v1" (the first
+            bundled model, `model_v1`: one object, 2 + 4 blocks).
         vocabulary: every word its prompts use (the word-level tokenizers' vocabulary).
         sample: a training clip's spec from a seed (anything with a `.prompt`).
         render: uint8 frames (T, H, W, 3) of a spec.
@@ -139,7 +143,8 @@ def _word_tokenizer(words: list[str], specials: list[str], template: str, **toke
     return PreTrainedTokenizerFast(tokenizer_object=tok, **tokens)
 
 
-def build_tokenizers(recipe: Recipe = RECIPES["v1"]) -> tuple[PreTrainedTokenizerFast, PreTrainedTokenizerFast]:
+def build_tokenizers(
+        recipe: Recipe = RECIPES[BUNDLED_RECIPE]) -> tuple[PreTrainedTokenizerFast, PreTrainedTokenizerFast]:
     """Word-level tokenizers over the world's vocabulary, built offline."""
     words = recipe.vocabulary()
     llama = _word_tokenizer(words, _LLAMA_SPECIALS, "<s> $A", unk_token="<unk>", bos_token="<s>",
@@ -150,7 +155,7 @@ def build_tokenizers(recipe: Recipe = RECIPES["v1"]) -> tuple[PreTrainedTokenize
     return llama, clip
 
 
-def build_pipeline(seed: int = 0, recipe: Recipe = RECIPES["v1"]) -> HunyuanVideoPipeline:
+def build_pipeline(seed: int = 0, recipe: Recipe = RECIPES[BUNDLED_RECIPE]) -> HunyuanVideoPipeline:
     """A tiny HunyuanVideo pipeline with seeded random weights (fp32, CPU)."""
     torch.manual_seed(seed)
     tokenizer, tokenizer_2 = build_tokenizers(recipe)
@@ -174,7 +179,7 @@ def build_pipeline(seed: int = 0, recipe: Recipe = RECIPES["v1"]) -> HunyuanVide
 
 
 def save(pipe: HunyuanVideoPipeline, path: str | Path, card: str | None = None,
-         recipe: Recipe = RECIPES["v1"]) -> None:
+         recipe: Recipe = RECIPES[BUNDLED_RECIPE]) -> None:
     """Write the diffusers layout plus generation defaults (and a model card)."""
     path = Path(path)
     pipe.save_pretrained(path, safe_serialization=True)
@@ -189,7 +194,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Write a tiny random-weight HunyuanVideo in diffusers layout.")
     parser.add_argument("--output", default=str(BUNDLED_MODEL_DIR), help="target folder (default: the bundled model)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--recipe", choices=sorted(RECIPES), default="v1", help="model version (default: v1)")
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default=BUNDLED_RECIPE,
+                        help=f"model version (default: {BUNDLED_RECIPE}, the bundled model's)")
     args = parser.parse_args()
     recipe = RECIPES[args.recipe]
     save(build_pipeline(args.seed, recipe), args.output, recipe=recipe)

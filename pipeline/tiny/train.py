@@ -13,7 +13,10 @@ Stages, each checkpointed so an interrupted run resumes where it stopped:
 The text encoders stay at their seeded random init unless the Llama is pretrained first or trained
 with the transformer (`--text-lr`). `--smoke` runs a few steps of each stage.
 
-    python -m pipeline.tiny.train --workdir /tmp/tiny-train --output pipeline/tiny/model
+    python -m pipeline.tiny.train --workdir /tmp/tiny-train --output /tmp/tiny-model
+
+The bundled model (recipe v2) was not trained in one such run but in a chain of them, each
+warm-started from the last; its model card lists the commands.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from tqdm import tqdm
 from ..quality import psnr
 from . import world
 from .build import (
+    BUNDLED_RECIPE,
     FLOW_SHIFT,
     GENERATION_DEFAULTS,
     RECIPES,
@@ -42,6 +46,7 @@ from .build import (
     build_pipeline,
     save,
 )
+from .worlds import world_of
 
 
 @dataclass
@@ -468,9 +473,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true", help="a few steps of every stage, for CI")
     parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument("--device", default="cpu", help="cpu (the reference: ~2 hours on 2 cores) or cuda (minutes)")
-    parser.add_argument("--recipe", choices=sorted(RECIPES), default="v1",
-                        help="model version: v1 (the committed model) or v2 (world v2, 4 + 8 blocks, 4-layer "
-                             "Llama, 2x VAE and 2x2 patches)")
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default=BUNDLED_RECIPE,
+                        help=f"model version (default {BUNDLED_RECIPE}): v2, the bundled model's (world v2, 4 + 8 "
+                             "blocks, 4-layer Llama, 2x VAE and 2x2 patches), or v1, the first bundled model's "
+                             "(pipeline/tiny/model_v1: one object, 2 + 4 blocks)")
     parser.add_argument("--vae-from", help="a trained model folder whose VAE starts the VAE stages (fine-tuning it "
                                            "on this recipe's world instead of training from the seeded init)")
     parser.add_argument("--init-from", help="a trained model folder: skip the VAE, continue its transformer (or see --new-transformer)")
@@ -511,6 +517,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.vae_decoder_steps and not args.init_from:
         parser.error("--vae-decoder-steps fine-tunes the decoder of an --init-from model; give --init-from")
     recipe = RECIPES[args.recipe]
+    if args.init_from and world_of(args.init_from).name != recipe.name:
+        parser.error(f"--init-from {args.init_from} was trained on world {world_of(args.init_from).name}; "
+                     f"continue it with --recipe {world_of(args.init_from).name} (given: --recipe {recipe.name})")
 
     cfg = TrainConfig.smoke() if args.smoke else TrainConfig()
     overrides = ("vae_frame_steps", "vae_clip_steps", "vae_decoder_steps", "dit_steps", "dit_lr", "dit_fg_weight",
