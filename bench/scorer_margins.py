@@ -1,4 +1,4 @@
-"""How far the bundled v1 model's uncached clips sit from the shape scorer's thresholds, and which
+"""How far the v1 model's (`pipeline/tiny/model_v1`) uncached clips sit from the shape scorer's thresholds, and which
 verdicts a SpeCa preset flips.
 
 `bench.caching` counts a clip the tiny world's scorer judges otherwise than its uncached clip as a
@@ -23,6 +23,7 @@ from pipeline.generate import Generator
 from pipeline.loading import load_pipeline, resolve_model_path
 from pipeline.quality import psnr
 from pipeline.tiny import scorer
+from pipeline.tiny.build import V1_MODEL_DIR
 from pipeline.tiny.worlds import world_of
 from speca import SpeCaConfig
 
@@ -33,7 +34,8 @@ NEAR = 0.01  # a measure this close to its threshold is "on the threshold"
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="bundled", help="a model folder trained on world v1 (default: bundled)")
+    parser.add_argument("--model", default=str(V1_MODEL_DIR),
+                        help="a model folder trained on world v1 (default: pipeline/tiny/model_v1, the first bundled model)")
     parser.add_argument("--prompts", type=int, default=48, help="held-out evaluation prompts (default: 48)")
     parser.add_argument("--steps", type=int, default=50, help="denoising steps (default: 50)")
     parser.add_argument("--presets", default="default,subset", help="SpeCa presets, comma-separated")

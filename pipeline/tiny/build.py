@@ -192,7 +192,8 @@ def main() -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description="Write a tiny random-weight HunyuanVideo in diffusers layout.")
-    parser.add_argument("--output", default=str(BUNDLED_MODEL_DIR), help="target folder (default: the bundled model)")
+    parser.add_argument("--output", required=True,
+                        help="target folder (never the bundled model's by default: these weights are untrained)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--recipe", choices=sorted(RECIPES), default=BUNDLED_RECIPE,
                         help=f"model version (default: {BUNDLED_RECIPE}, the bundled model's)")
