@@ -7,7 +7,7 @@ Why: `jobs.generate` overlaps a replica's MP4 encode + upload (one thread) with 
 denoising (the other thread, under a lock), and scales by adding replicas. This measures both on
 this machine: samples per hour for each R, and how much of the work outside denoising was hidden.
 
-How: for each R, N held-out prompts of the tiny world (`world.eval_specs`, unseen seeds) are
+How: for each R, N held-out prompts of the bundled model's world (its `eval_set`, unseen seeds) are
 written to a Parquet manifest and `python -m jobs.generate --replicas R` runs as a subprocess
 (a fresh local Ray on 127.0.0.1 per R; RAY_ADDRESS is ignored) with outputs in a local folder,
 the job's default model and SpeCa settings. Each R runs once, in the order given, in this one
