@@ -16,9 +16,9 @@ invocation, so the speedup is a ratio measured side by side.
 What is reported, per R:
 * samples/h from the job's run.json (generated / wall_seconds; wall includes Ray start and model
   load), from this script's own clock around the process, and steady state: generated / (last
-  sample committed - all replicas ready). Startup = process launch until the job logs that every
-  replica has loaded its model (split at its first log line: imports + manifest, then Ray start +
-  model load); commit times are the stats files' modification times.
+  sample committed - all replicas ready). Startup = process launch until every replica could take
+  a batch (`ready_at` in run.json, each replica's own clock; split at the job's first log line:
+  imports + manifest, then Ray start + model load); commit times are the stats files' modification times.
 * stage sums from the run's stats (`pipeline.stats.read_stats`). Text, denoise and decode are batch stages (every sample of a
   batch carries the batch's time), so they are summed once per batch; encode and upload are per
   sample. Busy share of the denoise lock per replica = sum(denoise) / (R x window), for the
@@ -107,7 +107,7 @@ def run_job(manifest: Path, output: Path, replicas: int, batch_size: int, timeou
     cmd = [sys.executable, "-m", "jobs.generate", "--manifest", str(manifest), "--output", str(output),
            "--replicas", str(replicas), "--batch-size", str(batch_size)]
     log_path = output.parent / f"{output.name}.log"
-    ready: dict[int, float] = {}
+    ready: set[int] = set()  # replicas whose loaded line was seen
     started = None
     launched = time.time()
     with open(log_path, "w") as log:
@@ -119,7 +119,7 @@ def run_job(manifest: Path, output: Path, replicas: int, batch_size: int, timeou
                 log.write(line)
                 m = READY_LINE.search(line)
                 if m:
-                    ready.setdefault(int(m.group(1)), now)
+                    ready.add(int(m.group(1)))
                 elif started is None and START_LINE.search(line):
                     started = now
                 if now - launched > timeout:
@@ -136,8 +136,7 @@ def run_job(manifest: Path, output: Path, replicas: int, batch_size: int, timeou
     if started is None or len(ready) != replicas:
         raise RuntimeError(f"saw {len(ready)} of {replicas} replica-ready lines (start line: {started is not None}) "
                            f"in {log_path}")
-    return {"command": cmd, "launched": launched, "started": started, "ready": max(ready.values()), "exited": exited,
-            "log": str(log_path)}
+    return {"command": cmd, "launched": launched, "started": started, "exited": exited, "log": str(log_path)}
 
 
 def analyse(output: Path, replicas: int, times: dict) -> dict:
@@ -150,7 +149,9 @@ def analyse(output: Path, replicas: int, times: dict) -> dict:
     if not ok or len(ok) != generated:
         raise RuntimeError(f"{output}: {len(ok)} ok stats rows but run.json says {generated} generated")
     commits = sorted(f.stat().st_mtime for f in files)
-    launched, ready, exited = times["launched"], times["ready"], times["exited"]
+    launched, exited = times["launched"], times["exited"]
+    # When the last replica could take a batch, by its own clock: its log line reaches the driver later.
+    ready = max(r["ready_at"] for r in record["replicas"])
     window = commits[-1] - ready
     process_wall = exited - launched
     wall = record["wall_seconds"]

@@ -30,6 +30,7 @@ import os
 import socket
 import sys
 import threading
+import time
 import traceback
 from dataclasses import asdict
 
@@ -235,9 +236,17 @@ class Replica:
             info = ray.get(self.engine.info.remote())  # the driver started the ranks: wait for the model
         except ray.exceptions.RayActorError:  # they died before this replica (re)started
             info = self._start_ranks()
-        ray.get(self.ledger.register.remote(self.index, info))
+        self._register(info)
         print(f"[jobs.generate] {self.label}: {info['ranks']} rank(s) on node {info['node_ip']} "
               f"({info['node_id'][:8]}), {info['device']}", file=sys.stderr, flush=True)
+
+    def _register(self, info: dict) -> None:
+        """Report where the ranks run and when they could take a batch (`ready_at`, this machine's clock).
+
+        run.json keeps it per replica; a benchmark cannot read it from the replica's log line, which Ray
+        forwards to the driver with a delay of its own.
+        """
+        ray.get(self.ledger.register.remote(self.index, {**info, "ready_at": time.time()}))
 
     def _start_ranks(self) -> dict:
         for actor in [self.engine, *self.peers]:
@@ -252,7 +261,7 @@ class Replica:
         with self._lock:
             if generation != self.generation:
                 return
-            ray.get(self.ledger.register.remote(self.index, self._start_ranks()))
+            self._register(self._start_ranks())
             self.generation += 1
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -55,6 +55,8 @@ def test_smallest_run_report_matches_the_job_outputs(tmp_path):
     assert sorted(committed) == sorted(mtimes) and len(committed) == 3
     assert all(mtimes[i] - 0.05 <= committed[i] <= mtimes[i] + 30 for i in committed)
     assert max(committed.values()) - min(committed.values()) <= s["steady_window"] + 1
+    # The replica's ready_at (run.json, its own clock) opens the steady window: before its first commit.
+    assert run["replicas"][0]["ready_at"] < min(committed.values())
 
     # Stage sums recomputed from the stats files: batch stages once per batch (2 batches: 2 + 1).
     rows = [pq.read_table(f).to_pylist()[0] for f in sorted((work / "r1" / "stats").glob("*.parquet"))]
