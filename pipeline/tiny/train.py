@@ -517,9 +517,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.vae_decoder_steps and not args.init_from:
         parser.error("--vae-decoder-steps fine-tunes the decoder of an --init-from model; give --init-from")
     recipe = RECIPES[args.recipe]
-    if args.init_from and world_of(args.init_from).name != recipe.name:
-        parser.error(f"--init-from {args.init_from} was trained on world {world_of(args.init_from).name}; "
-                     f"continue it with --recipe {world_of(args.init_from).name} (given: --recipe {recipe.name})")
+    trained_on = world_of(args.init_from).name if args.init_from else recipe.name
+    if trained_on != recipe.name:
+        parser.error(f"--init-from {args.init_from} was trained on world {trained_on}; "
+                     f"continue it with --recipe {trained_on} (given: --recipe {recipe.name})")
 
     cfg = TrainConfig.smoke() if args.smoke else TrainConfig()
     overrides = ("vae_frame_steps", "vae_clip_steps", "vae_decoder_steps", "dit_steps", "dit_lr", "dit_fg_weight",
