@@ -42,7 +42,9 @@ class ModelConfig:
             (float16 gives NaNs / black videos on HunyuanVideo; bfloat16 is the safe half type).
         attention_backend: a diffusers attention backend ("native" = PyTorch SDPA, "_native_cudnn",
             "xformers", ...). Backends that refuse an attention mask cannot run HunyuanVideo.
-        vae_tiling: decode the VAE in spatial tiles (needed at 720p on most GPUs).
+        vae_tiling: decode the VAE in spatial tiles (needed at 720p on most GPUs); under sequence
+            parallelism the tiles are spread over the ranks (pipeline/parallel/vae.py).
+        vae_tile_size: tile side in pixels (stride 3/4 of it); None: diffusers' 256. Implies vae_tiling.
     """
 
     model: str = "bundled"
@@ -50,8 +52,12 @@ class ModelConfig:
     dtype: str = "auto"
     attention_backend: str = "native"
     vae_tiling: bool = False
+    vae_tile_size: int | None = None
 
     def __post_init__(self) -> None:
+        tile = self.vae_tile_size
+        if tile is not None and (not _is_int(tile) or tile < 8):
+            raise InvalidRequest("vae_tile_size", tile, "expected an integer >= 8 (pixels)")
         if not isinstance(self.model, str) or not self.model.strip():
             raise InvalidRequest("model", self.model, "expected 'bundled', a folder or a hub id")
         if self.dtype not in DTYPES:

@@ -3,10 +3,11 @@
     python -m pipeline.generate --prompt "a red circle moving quickly left on a blue background" --output ./outputs
     torchrun --nproc-per-node 4 -m pipeline.generate --ulysses-degree 2 --ring-degree 2 --prompt ... --output ...
 
-`Generator` is the engine (model + SpeCa) used by the CLI here and by the Ray job's replicas.
-It batches samples that share shape, steps and guidance, seeds each sample's noise with its own
-CPU generator (so a sample's video does not depend on its batch or device), and times every
-stage for the stats record.
+`Generator` is the engine (model + SpeCa + sequence parallelism) used by the CLI here and by
+the Ray job's replicas. It batches samples that share shape, steps and guidance, seeds each
+sample's noise with its own CPU generator (so a sample's video does not depend on its batch or
+device), and times every stage for the stats record. Writing the outputs is a step of its own
+(`pipeline.writer.write_sample`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from speca.hunyuan_video import step_flops, video_tokens
 from .config import InvalidRequest, ModelConfig, SampleRequest
 from .loading import LoadedModel, load_pipeline
 from .parallel.config import ParallelConfig
+from .parallel.vae import DecodeShare, parallel_decode
 from .stats import SampleStats
 
 
@@ -39,31 +41,49 @@ class GeneratedSample:
     stats: SampleStats
 
 
+@dataclass(frozen=True)
+class SampleOrigin:
+    """Where samples are made, for their stats rows: the Ray job's replicas set it; empty elsewhere."""
+
+    node_id: str = ""
+    replica: str = ""
+    attempt: int = 1
+
+
 class Generator:
     """A loaded model with optional SpeCa and sequence parallelism; turns requests into frames and stats.
 
-    Under sequence parallelism every rank runs `generate` on the same requests (the transformer's
-    collectives keep them in step); only rank 0 decodes, so other ranks return frames=None.
+    It owns batching (`_batches`: equal `batch_key`, at most `batch_size`) and builds each sample's
+    stats row. Under sequence parallelism every rank runs `generate` on the same requests (the
+    collectives keep them in step): rank 0 encodes the prompts and broadcasts the embeddings (the
+    other ranks hold no text encoder), every rank denoises its shard of the tokens and decodes its
+    share of the VAE tiles, and rank 0 gathers the video; the other ranks return frames=None.
     """
 
     def __init__(self, model: LoadedModel, speca: SpeCaConfig | None = None, parallel=None):
         self.model = model
         self.speca = speca
         self.parallel = parallel
-        self.decodes = parallel is None or parallel.rank == 0
+        self.lead = parallel is None or parallel.rank == 0
         reducers = dict(error_reduce=parallel.error_reduce, valid_tokens=parallel.valid_tokens) if parallel else {}
         self.session = apply_speca(model.pipe, speca, **reducers) if speca is not None else None
 
     @classmethod
     def load(cls, model_config: ModelConfig = ModelConfig(), speca: SpeCaConfig | None = None,
              parallel: ParallelConfig = ParallelConfig(), groups=None) -> "Generator":
-        """Load the model; with a parallel config of world size > 1, shard it over the process group."""
-        model = load_pipeline(model_config)
+        """Load the model; with a parallel config of world size > 1, shard it over the process group.
+
+        Ranks other than 0 load no text encoders: rank 0 encodes every batch's prompts for them.
+        """
         sp = None
         if parallel.world_size > 1:
-            from .parallel import enable_sequence_parallel
+            from .parallel import create_groups, enable_sequence_parallel
 
+            groups = groups if groups is not None else create_groups(parallel)
+            model = load_pipeline(model_config, text_encoders=groups.rank == 0)
             sp = enable_sequence_parallel(model.pipe, parallel, groups)
+        else:
+            model = load_pipeline(model_config)
         return cls(model, speca, sp)
 
     def close(self) -> None:
@@ -86,81 +106,99 @@ class Generator:
                 "dtype": str(self.model.dtype).removeprefix("torch."), "device": self.model.device,
                 "parallel": asdict(self.parallel.config) if self.parallel else None}
 
-    def generate(self, requests: list[SampleRequest], batch_size: int = 8) -> list[GeneratedSample]:
-        """Generate every request; samples that can share a batch are batched up to `batch_size`."""
+    def generate(self, requests: list[SampleRequest], batch_size: int = 8, extra_json: list[str] | None = None,
+                 origin: SampleOrigin = SampleOrigin()) -> list[GeneratedSample]:
+        """Generate every request; samples that can share a batch are batched up to `batch_size`.
+
+        `extra_json[i]` (manifest columns we do not interpret) and `origin` go into the stats rows.
+        """
         resolved = self.prepare(requests)
+        extras = extra_json if extra_json is not None else ["{}"] * len(resolved)
         out: dict[int, GeneratedSample] = {}
         for idx in _batches(resolved, batch_size):
-            for i, sample in zip(idx, self._generate_batch([resolved[i] for i in idx])):
-                out[i] = sample
+            batch = self._generate_batch([resolved[i] for i in idx], [extras[i] for i in idx], origin)
+            out.update(zip(idx, batch))
         return [out[i] for i in range(len(resolved))]
 
+    def _encode_text(self, batch: list[SampleRequest]) -> dict:
+        """The batch's prompt embeddings as `pipe()` keywords; encoded on rank 0, broadcast to the others."""
+        pipe, defaults = self.model.pipe, self.model.info.defaults
+        text = None
+        if self.lead:
+            kwargs = dict(max_sequence_length=defaults.max_sequence_length, device=self.model.device)
+            if defaults.prompt_template is not None:
+                kwargs["prompt_template"] = defaults.prompt_template
+            embeds, pooled, mask = pipe.encode_prompt(prompt=[r.prompt for r in batch], **kwargs)
+            text = dict(prompt_embeds=embeds, pooled_prompt_embeds=pooled, prompt_attention_mask=mask)
+            if batch[0].true_cfg_scale > 1:
+                n_embeds, n_pooled, n_mask = pipe.encode_prompt(prompt=[r.negative_prompt for r in batch], **kwargs)
+                text.update(negative_prompt_embeds=n_embeds, negative_pooled_prompt_embeds=n_pooled,
+                            negative_prompt_attention_mask=n_mask)
+        if self.parallel is not None and self.parallel.groups.world is not None:
+            from .parallel import broadcast_tensors
+
+            text = broadcast_tensors(text, self.parallel.groups.world, self.model.device)
+        return text
+
     @torch.no_grad()
-    def _generate_batch(self, batch: list[SampleRequest]) -> list[GeneratedSample]:
+    def _generate_batch(self, batch: list[SampleRequest], extras: list[str],
+                        origin: SampleOrigin) -> list[GeneratedSample]:
         pipe, info = self.model.pipe, self.model.info
-        defaults = info.defaults
         first = batch[0]
         device = self.model.device
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats(device)
-        text_kwargs = dict(max_sequence_length=defaults.max_sequence_length, device=device)
-        if defaults.prompt_template is not None:
-            text_kwargs["prompt_template"] = defaults.prompt_template
 
         t0 = time.perf_counter()
-        embeds, pooled, mask = pipe.encode_prompt(prompt=[r.prompt for r in batch], **text_kwargs)
-        cfg = {}
-        if first.true_cfg_scale > 1:
-            n_embeds, n_pooled, n_mask = pipe.encode_prompt(prompt=[r.negative_prompt for r in batch], **text_kwargs)
-            cfg = dict(negative_prompt_embeds=n_embeds, negative_pooled_prompt_embeds=n_pooled,
-                       negative_prompt_attention_mask=n_mask, true_cfg_scale=first.true_cfg_scale)
+        text = self._encode_text(batch)
+        cfg = dict(true_cfg_scale=first.true_cfg_scale) if "negative_prompt_embeds" in text else {}
         t1 = time.perf_counter()
+        template = info.defaults.prompt_template
         latents = pipe(
-            prompt_embeds=embeds, pooled_prompt_embeds=pooled, prompt_attention_mask=mask,
-            height=first.height, width=first.width, num_frames=first.num_frames,
+            **text, height=first.height, width=first.width, num_frames=first.num_frames,
             num_inference_steps=first.num_inference_steps, guidance_scale=first.guidance_scale,
             generator=[torch.Generator("cpu").manual_seed(r.seed) for r in batch],
             output_type="latent", return_dict=False, **cfg,
-            **({"prompt_template": defaults.prompt_template} if defaults.prompt_template is not None else {}),
+            **({"prompt_template": template} if template is not None else {}),
         )[0]
         t2 = time.perf_counter()
-        frames = self.decode(latents) if self.decodes else [None] * len(batch)
+        frames, share = self.decode(latents)
         t3 = time.perf_counter()
 
         speca_stats = self.session.stats() if self.session is not None else None
-        tokens = _tokens(info.transformer_config, latents.shape, embeds.shape[1])
+        tokens = _tokens(info.transformer_config, latents.shape, text["prompt_embeds"].shape[1])
         full_flops = step_flops(info.transformer_config, tokens) * first.num_inference_steps * (2 if cfg else 1)
         peak = (torch.cuda.max_memory_allocated(device) if device.startswith("cuda")
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         config_json = json.dumps(self.config_record(), sort_keys=True)
         results = []
         for i, r in enumerate(batch):
-            s = SampleStats(
-                id=r.id, prompt=r.prompt, seed=r.seed, height=r.height, width=r.width, num_frames=r.num_frames,
-                num_inference_steps=r.num_inference_steps, guidance_scale=float(r.guidance_scale),
-                true_cfg_scale=float(r.true_cfg_scale), batch_size=len(batch),
-                seconds_text=t1 - t0, seconds_denoise=t2 - t1, seconds_decode=t3 - t2, peak_memory_bytes=int(peak),
-                model=info.model, config_json=config_json)
             if speca_stats is not None:
                 st = speca_stats[i]
-                s.method, s.step_pattern = "speca", st.step_pattern
-                s.full_steps, s.spec_accepted, s.spec_rejected = st.full_steps, st.accepted, st.rejected
-                s.spec_errors, s.spec_thresholds = st.errors, st.thresholds
-                s.flops_ratio, s.cache_bytes = st.compute_ratio, st.cache_bytes
+                method = dict(method="speca", step_pattern=st.step_pattern, full_steps=st.full_steps,
+                              spec_accepted=st.accepted, spec_rejected=st.rejected, spec_errors=st.errors,
+                              spec_thresholds=st.thresholds, flops_ratio=st.compute_ratio, cache_bytes=st.cache_bytes)
             else:
-                s.step_pattern, s.full_steps = "F" * r.num_inference_steps, r.num_inference_steps
-            s.flops = full_flops * s.flops_ratio
+                method = dict(step_pattern="F" * r.num_inference_steps, full_steps=r.num_inference_steps)
+            s = SampleStats.of(
+                r, **method, flops=full_flops * method.get("flops_ratio", 1.0), batch_size=len(batch),
+                seconds_text=t1 - t0, seconds_denoise=t2 - t1, seconds_decode=t3 - t2, peak_memory_bytes=int(peak),
+                rank_decode_tiles=share.tiles, rank_seconds_decode=share.seconds,
+                rank_peak_memory_bytes=share.peak_memory_bytes, node_id=origin.node_id, replica=origin.replica,
+                attempt=origin.attempt, model=info.model, config_json=config_json, extra_json=extras[i])
             s.check()
-            results.append(GeneratedSample(request=r, frames=frames[i], stats=s))
+            results.append(GeneratedSample(request=r, frames=None if frames is None else frames[i], stats=s))
         return results
 
-    def decode(self, latents: torch.Tensor) -> np.ndarray:
-        """Latents -> uint8 frames (B, T, H, W, 3)."""
+    def decode(self, latents: torch.Tensor) -> tuple[np.ndarray | None, DecodeShare]:
+        """Latents -> uint8 frames (B, T, H, W, 3) on rank 0 (None elsewhere), tiles spread over the ranks."""
         pipe = self.model.pipe
         z = latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor
-        video = pipe.vae.decode(z, return_dict=False)[0]
+        video, share = parallel_decode(pipe.vae, z, self.parallel.groups.world if self.parallel else None)
+        if video is None:
+            return None, share
         video = (video.float().clamp(-1, 1) + 1) * 127.5
-        return video.round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy()
+        return video.round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy(), share
 
 
 def _tokens(transformer_config: dict, latent_shape, text_tokens: int) -> int:
@@ -188,7 +226,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16")
     g.add_argument("--attention-backend", default="native",
                    help="diffusers attention backend (default: native = PyTorch SDPA)")
-    g.add_argument("--vae-tiling", action="store_true", help="decode the VAE in tiles (720p on one GPU)")
+    g.add_argument("--vae-tiling", action="store_true",
+                   help="decode the VAE in tiles (720p); with several ranks the tiles are spread over them")
+    g.add_argument("--vae-tile-size", type=int, default=None,
+                   help="VAE tile side in pixels, stride 3/4 of it (default: diffusers' 256); implies --vae-tiling")
     s = parser.add_argument_group("SpeCa")
     s.add_argument("--speca", default="default",
                    help="SpeCa preset: 'default', 'subset' (a cheaper check on 1/8 of the video tokens, "
@@ -204,7 +245,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
     return ModelConfig(model=args.model, device=args.device, dtype=args.dtype,
-                       attention_backend=args.attention_backend, vae_tiling=args.vae_tiling)
+                       attention_backend=args.attention_backend, vae_tiling=args.vae_tiling,
+                       vae_tile_size=args.vae_tile_size)
 
 
 def parallel_config_from_args(args: argparse.Namespace) -> ParallelConfig:
@@ -276,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     except (InvalidRequest, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if not gen.decodes:  # a sequence-parallel rank > 0: denoise in step with rank 0, write nothing
+    if not gen.lead:  # a sequence-parallel rank > 0: denoise and decode in step with rank 0, write nothing
         gen.generate(requests, batch_size=args.batch_size)
         return 0
     print(f"generating {len(requests)} video(s) with {gen.model.info.model} on {gen.model.device} "

@@ -79,24 +79,33 @@ class LoadedModel:
     dtype: object  # torch.dtype
 
 
-def load_pipeline(config: ModelConfig = ModelConfig()) -> LoadedModel:
-    """Load the pipeline on the configured device / dtype with the chosen attention backend."""
+def load_pipeline(config: ModelConfig = ModelConfig(), text_encoders: bool = True) -> LoadedModel:
+    """Load the pipeline on the configured device / dtype with the chosen attention backend.
+
+    `text_encoders=False` leaves out the Llama and CLIP encoders and their tokenizers (HunyuanVideo's
+    Llama is ~14 GB): for a sequence-parallel rank that is handed its prompts' embeddings.
+    """
     from diffusers import HunyuanVideoPipeline
 
     device = config.resolve_device()
     dtype = config.resolve_dtype(device)
     info = read_model_info(config.model)
-    pipe = HunyuanVideoPipeline.from_pretrained(info.path, torch_dtype=dtype)
+    without = {} if text_encoders else dict(text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None)
+    pipe = HunyuanVideoPipeline.from_pretrained(info.path, torch_dtype=dtype, **without)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     if not info.defaults.vae_framewise:
         pipe.vae.use_framewise_encoding = False
         pipe.vae.use_framewise_decoding = False
-    if config.vae_tiling:
-        pipe.vae.enable_tiling()
+    tile = config.vae_tile_size
+    if config.vae_tiling or tile is not None:
+        pipe.vae.enable_tiling(**({} if tile is None else dict(
+            tile_sample_min_height=tile, tile_sample_min_width=tile, tile_sample_stride_height=tile * 3 // 4,
+            tile_sample_stride_width=tile * 3 // 4)))
     set_attention_backend(pipe.transformer, config.attention_backend, device, dtype)
     for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
-        module.eval().requires_grad_(False)
+        if module is not None:
+            module.eval().requires_grad_(False)
     return LoadedModel(pipe=pipe, info=info, config=config, device=device, dtype=dtype)
 
 

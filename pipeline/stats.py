@@ -17,7 +17,12 @@ Schema (`STATS_SCHEMA`):
     batch_size                       samples denoised together
     seconds_text, seconds_denoise, seconds_decode, seconds_encode, seconds_upload
                                      wall seconds per stage (batch stages are shared by its samples)
-    peak_memory_bytes                peak accelerator memory (CUDA) or process RSS (CPU)
+    peak_memory_bytes                peak accelerator memory (CUDA) or process RSS (CPU), rank 0
+    rank_decode_tiles, rank_seconds_decode, rank_peak_memory_bytes
+                                     per rank of the replica (index = rank): VAE tiles it decoded, its
+                                     seconds in the decode, its peak memory (the batch's, shared)
+    node_id, replica, attempt        where the sample was made: Ray node id, replica id (empty outside
+                                     the Ray job), and which attempt at its batch committed it
     status                           "ok" or "failed"
     error                            the failure, for failed samples
     video                            URL of the MP4
@@ -50,6 +55,9 @@ STATS_SCHEMA = pa.schema([
     ("flops", pa.float64()), ("flops_ratio", pa.float64()), ("cache_bytes", pa.int64()), ("batch_size", pa.int32()),
     ("seconds_text", pa.float64()), ("seconds_denoise", pa.float64()), ("seconds_decode", pa.float64()),
     ("seconds_encode", pa.float64()), ("seconds_upload", pa.float64()), ("peak_memory_bytes", pa.int64()),
+    ("rank_decode_tiles", pa.list_(pa.int32())), ("rank_seconds_decode", pa.list_(pa.float64())),
+    ("rank_peak_memory_bytes", pa.list_(pa.int64())),
+    ("node_id", pa.string()), ("replica", pa.string()), ("attempt", pa.int32()),
     ("status", pa.string()), ("error", pa.string()), ("video", pa.string()),
     ("model", pa.string()), ("config_json", pa.string()), ("extra_json", pa.string()),
 ])
@@ -83,12 +91,26 @@ class SampleStats:
     seconds_encode: float = 0.0
     seconds_upload: float = 0.0
     peak_memory_bytes: int = 0
+    rank_decode_tiles: list[int] = field(default_factory=list)
+    rank_seconds_decode: list[float] = field(default_factory=list)
+    rank_peak_memory_bytes: list[int] = field(default_factory=list)
+    node_id: str = ""
+    replica: str = ""
+    attempt: int = 1
     status: str = "ok"
     error: str | None = None
     video: str | None = None
     model: str = ""
     config_json: str = "{}"
     extra_json: str = "{}"
+
+    @classmethod
+    def of(cls, request, **fields) -> "SampleStats":
+        """The record of `request` (a resolved `SampleRequest`): what was asked, then `fields`."""
+        asked = {k: getattr(request, k) for k in ("id", "prompt", "seed", "height", "width", "num_frames",
+                                                  "num_inference_steps")}
+        return cls(**asked, guidance_scale=float(request.guidance_scale),
+                   true_cfg_scale=float(request.true_cfg_scale), **fields)
 
     def check(self) -> None:
         """Invariants every ok record satisfies; raises ValueError when broken."""
@@ -126,10 +148,18 @@ def _stems(storage, folder: str, suffix: str) -> set[str]:
 
 
 def _read_all(storage, relpaths: list[str], columns: list[str] | None) -> list[pa.Table]:
+    """The files' `columns`; a column a file lacks (written before the column existed) reads as nulls."""
     import io
 
     def one(rel: str) -> pa.Table:
-        return pq.read_table(io.BytesIO(storage.read_bytes(rel)), columns=columns)
+        parquet = pq.ParquetFile(io.BytesIO(storage.read_bytes(rel)))
+        have = parquet.schema_arrow.names
+        table = parquet.read(columns=[c for c in columns if c in have] if columns is not None else None)
+        for c in columns or []:
+            if c not in have:
+                f = COMMIT_SCHEMA.field(c)
+                table = table.append_column(f, pa.nulls(table.num_rows, f.type))
+        return table
 
     with ThreadPoolExecutor(16) as pool:  # object stores: latency-bound, so in parallel
         return list(pool.map(one, relpaths))

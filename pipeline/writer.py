@@ -14,7 +14,7 @@ the stats files do not.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import pyarrow as pa
 
@@ -40,17 +40,20 @@ def index_path(run_tag: str, seq: int) -> str:
 
 
 def write_sample(storage: Storage, sample, encoding: VideoEncoding) -> SampleStats:
-    """Encode and upload `sample` (a GeneratedSample), then commit its stats; returns the stats."""
-    r, stats = sample.request, sample.stats
+    """Encode and upload `sample` (a GeneratedSample), then commit its stats; returns the stats written.
+
+    Those are the engine's row with this step's own fields (encode and upload seconds, video URL).
+    """
+    r = sample.request
     t0 = time.perf_counter()
     data = encode_mp4(sample.frames, metadata={
-        "title": r.prompt, "prompt": r.prompt, "seed": str(r.seed), "id": r.id, "model": stats.model,
-        "step_pattern": stats.step_pattern}, encoding=encoding)
+        "title": r.prompt, "prompt": r.prompt, "seed": str(r.seed), "id": r.id, "model": sample.stats.model,
+        "step_pattern": sample.stats.step_pattern}, encoding=encoding)
     t1 = time.perf_counter()
     storage.write_bytes(video_path(r.id), data)
     t2 = time.perf_counter()
-    stats.seconds_encode, stats.seconds_upload = t1 - t0, t2 - t1
-    stats.video = storage.url_for(video_path(r.id))
+    stats = replace(sample.stats, seconds_encode=t1 - t0, seconds_upload=t2 - t1,
+                    video=storage.url_for(video_path(r.id)))
     storage.write_parquet(stats_path(r.id), to_table([stats]))
     return stats
 

@@ -1,4 +1,7 @@
-"""The generation CLI under torchrun: 2 ranks (gloo, 127.0.0.1) write what one process writes."""
+"""The generation CLI under torchrun: 2 ranks (gloo, 127.0.0.1) write what one process writes.
+
+Both decode in tiles of 16 pixels (9 a clip); the two ranks split them 5 / 4 and rank 0 gathers.
+"""
 
 import os
 import subprocess
@@ -14,7 +17,7 @@ from pipeline.video_io import decode_mp4
 ARGS = ["--prompt", "a red circle moving quickly left on a blue background",
         "--prompt", "a green square standing still on a white background",
         "--seed", "1", "--seed", "2", "--num-inference-steps", "8", "--batch-size", "2", "--crf", "0",
-        "--speca", "default", "--speca-tau0", "0.05"]
+        "--speca", "default", "--speca-tau0", "0.05", "--vae-tile-size", "16"]  # 9 VAE tiles a clip
 
 
 def _run(cmd, out):
@@ -41,5 +44,7 @@ def test_torchrun_ulysses_matches_single_process(tmp_path):
     for i in one_stats:
         assert two_stats[i].step_pattern == one_stats[i].step_pattern
         assert '"ulysses_degree": 2' in two_stats[i].config_json
+        assert one_stats[i].rank_decode_tiles == [9] and two_stats[i].rank_decode_tiles == [5, 4]
+        assert len(two_stats[i].rank_seconds_decode) == 2 and min(two_stats[i].rank_peak_memory_bytes) > 0
         diff = np.abs(one_frames[i].astype(int) - two_frames[i].astype(int)).max()
         assert diff <= 2  # same latents within 1e-5 -> at most a rounding step apart after lossless x264

@@ -123,6 +123,18 @@ def create_groups(config: ParallelConfig) -> ParallelGroups:
     return ParallelGroups(config, rank, world, ulysses, ring, ring_ranks)
 
 
+def broadcast_tensors(tensors: dict[str, torch.Tensor] | None, group, device: str | torch.device
+                      ) -> dict[str, torch.Tensor]:
+    """Rank 0's `tensors` on every rank of `group`, on `device` (others pass None).
+
+    Through the CPU (`broadcast_object_list`), so the names and shapes travel with them and no rank
+    needs to know them in advance; used for a batch's prompt embeddings (a few MB).
+    """
+    payload = [None if tensors is None else {k: v.cpu() for k, v in tensors.items()}]
+    dist.broadcast_object_list(payload, src=dist.get_global_rank(group, 0), group=group)
+    return {k: v.to(device) for k, v in payload[0].items()}
+
+
 def free_port() -> int:
     """A TCP port that was free on 127.0.0.1 a moment ago (for a local rendezvous)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

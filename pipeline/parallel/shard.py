@@ -27,11 +27,8 @@ decisions on every rank, pass this object's reducers to SpeCa:
     sp = enable_sequence_parallel(pipe, ParallelConfig(ulysses_degree=4, ring_degree=2))
     session = apply_speca(pipe, cfg, error_reduce=sp.error_reduce, valid_tokens=sp.valid_tokens)
 
-VAE decode: not parallelized. The transformer's output is the full latent on every rank, so
-rank 0 decodes (with `pipe.vae.enable_tiling()` at 720p, which bounds its memory) and writes
-the video, while the other ranks skip decoding and go on to the next batch's text encoding.
-The decode is a few percent of a 50-step generation; spatially parallel VAE decoding (halo
-exchange in every 3D convolution) would save little of the wall time for much complexity.
+VAE decode: the transformer's output is the full latent on every rank, so every rank takes a
+share of the VAE's tiles and rank 0 gathers the video (`pipeline/parallel/vae.py`).
 """
 
 from __future__ import annotations
