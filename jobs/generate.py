@@ -36,7 +36,6 @@ import pyarrow as pa
 from pipeline.config import InvalidRequest, with_token_budget
 from pipeline.generate import (
     add_model_arguments,
-    check_speca_parallel,
     model_config_from_args,
     speca_config_from_args,
 )
@@ -328,7 +327,6 @@ def run(args) -> int:
         storage.check()
         files = manifest_files(args.manifest, args.storage_options)
         parallel = _parallel_for(args, info)
-        check_speca_parallel(speca, parallel)
         if args.score:  # fail before generating anything, not after
             score_stage.vbench_env.check_weights(score_stage.parse_dimensions(args.dimensions))
     except (InvalidRequest, ValueError, StorageError, FileNotFoundError, score_stage.vbench_env.VBenchSetupError) as e:

@@ -65,7 +65,7 @@ class Generator:
         self.speca = speca
         self.parallel = parallel
         self.lead = parallel is None or parallel.rank == 0
-        reducers = dict(error_reduce=parallel.error_reduce, valid_tokens=parallel.valid_tokens) if parallel else {}
+        reducers = dict(error_reduce=parallel.error_reduce, token_layout=lambda: parallel.layout) if parallel else {}
         self.session = apply_speca(model.pipe, speca, **reducers) if speca is not None else None
 
     @classmethod
@@ -233,8 +233,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     s = parser.add_argument_group("SpeCa")
     s.add_argument("--speca", default="default",
                    help="SpeCa preset: 'default', 'subset' (a cheaper check on 1/8 of the video tokens, "
-                        "for shallow models; not with sequence parallelism), 'reference' (the authors' "
-                        "HunyuanVideo settings) or 'off'")
+                        "for shallow models), 'reference' (the authors' HunyuanVideo settings) or 'off'")
     s.add_argument("--speca-cache", choices=["module", "lean"], help="override the preset's cache granularity")
     s.add_argument("--speca-tau0", type=float, help="override the preset's initial threshold")
     s.add_argument("--speca-max-spec", type=int, help="override the preset's maximum speculative run")
@@ -259,14 +258,6 @@ def speca_config_from_args(args: argparse.Namespace) -> SpeCaConfig | None:
     overrides = {k: v for k, v in (("cache", args.speca_cache), ("tau0", args.speca_tau0),
                                    ("max_spec", args.speca_max_spec)) if v is not None}
     return SpeCaConfig.from_name(args.speca, **overrides)
-
-
-def check_speca_parallel(speca: SpeCaConfig | None, parallel: ParallelConfig) -> None:
-    """Refuse, before anything loads, a SpeCa config that a sequence-parallel session would refuse later."""
-    if speca is not None and not speca.runs_sequence_parallel and parallel.world_size > 1:
-        raise InvalidRequest("speca.verify_tokens", speca.verify_tokens,
-                             f"1 with sequence parallelism ({parallel.world_size} ranks): a token-subset check "
-                             "(the 'subset' preset) runs in one process; use --speca default")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -302,7 +293,6 @@ def main(argv: list[str] | None = None) -> int:
         model_config = model_config_from_args(args)
         speca = speca_config_from_args(args)
         parallel = parallel_config_from_args(args)
-        check_speca_parallel(speca, parallel)
         if parallel.world_size > 1:  # under torchrun: one process per rank
             from .parallel import init_from_env
 

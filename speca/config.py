@@ -45,7 +45,9 @@ class SpeCaConfig:
             the verified block(s) on its own, at full steps too, and the check compares that subset
             function's drafted and real outputs; the stream leaving the verified block is then its
             draft. A check then costs about this share of a block instead of a whole one (less: the
-            attention shrinks quadratically). Families without a token-subset rule refuse it.
+            attention shrinks quadratically). Under sequence parallelism the subset is still one draw
+            over the whole clip (each rank runs its shard's part), so decisions equal one process's.
+            Families without a token-subset rule refuse it.
         max_error_sum: a per-sample quality floor: a speculative run ends (full step) once the
             errors accepted since the last full step, plus this one, reach this sum; small errors
             that each pass add up along a run of drafts.
@@ -112,12 +114,6 @@ class SpeCaConfig:
             bad("min_spec", self.min_spec, f"at most max_spec ({self.max_spec})")
         if not isinstance(self.verify_block, int):
             bad("verify_block", self.verify_block, "an integer block index")
-
-    @property
-    def runs_sequence_parallel(self) -> bool:
-        """Whether ranks that each hold a shard of the tokens can run this config (a token-subset
-        check cannot: each rank would draw its own subset)."""
-        return self.verify_tokens >= 1
 
     def threshold(self, step: int, num_steps: int) -> float:
         return max(self.tau0 * self.beta ** (step / max(num_steps, 1)), self.tau_min)

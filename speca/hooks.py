@@ -31,7 +31,7 @@ from .config import SpeCaConfig
 from .controller import SampleRecord, StepController, error_from_partials, error_partials
 from .forecast import NewtonForecaster
 from .flops import block_flops
-from .registry import BlockSpec, FamilySpec, family_for, subset_index
+from .registry import BlockSpec, FamilySpec, TokenSubset, family_for, token_subset
 
 _ROOT_HOOK = "speca_root"
 _BLOCK_HOOK = "speca_block"
@@ -115,12 +115,12 @@ class SpeCaSession:
 
     def __init__(self, transformer, config: SpeCaConfig, family: FamilySpec, scheduler=None,
                  error_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 valid_tokens: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 token_layout: Callable[[], object] | None = None):
         self.config = config
         self.family = family
         self.scheduler = scheduler
         self.error_reduce = error_reduce
-        self.valid_tokens = valid_tokens
+        self.token_layout = token_layout
         self.blocks = family.iter_blocks(transformer)
         self.num_blocks = len(self.blocks)
         last = family.block_lists[-1]
@@ -134,9 +134,6 @@ class SpeCaSession:
         # Blocks a draft pass executes: the verified one, (lean cache) those after it, the first one
         # when it is verified too.
         self.draft_blocks = 1 + (blocks_after if config.cache == "lean" else 0) + int(self.verify_first)
-        if not config.runs_sequence_parallel and (error_reduce is not None or valid_tokens is not None):
-            raise ValueError(f"SpeCaConfig.verify_tokens={config.verify_tokens} is not supported with sequence "
-                             "parallelism (each rank would draw its own token subset); use 1")
         if config.verify_tokens < 1:
             self.draft_blocks -= 1 + int(self.verify_first)  # the checks run on a token subset instead
             checked = [self.verify_index] + ([0] if self.verify_first else [])
@@ -185,13 +182,35 @@ class SpeCaSession:
     def cache_bytes(self) -> int:
         return sum(st.forecaster.nbytes() for st in self.states.states() if st.forecaster is not None)
 
-    def error_partials(self, drafted: torch.Tensor, real: torch.Tensor, block_input: torch.Tensor) -> torch.Tensor:
-        """Error partial sums of a verified block over this rank's real image tokens: of its output,
-        or (signal "delta") of its update, output minus `block_input`."""
+    def _layout(self, local_tokens: int):
+        """The shard layout of the forward in flight (None in one process), checked against the tokens seen."""
+        if self.token_layout is None:
+            return None
+        layout = self.token_layout()
+        if layout is None or layout.local != local_tokens:
+            raise RuntimeError(f"SpeCa: the sequence-parallel layout ({layout}) does not hold this rank's "
+                               f"{local_tokens} image tokens")
+        return layout
+
+    def token_subset(self, local_tokens: int, device) -> TokenSubset:
+        """The token-subset check's tokens on this rank (the same draw on every rank)."""
+        layout = self._layout(local_tokens)
+        if layout is None:
+            return token_subset(local_tokens, self.config.verify_tokens, device=device)
+        return token_subset(layout.total, self.config.verify_tokens, layout.world, layout.rank, layout.local, device)
+
+    def error_partials(self, drafted: torch.Tensor, real: torch.Tensor, block_input: torch.Tensor,
+                       subset: TokenSubset | None = None) -> torch.Tensor:
+        """Error partial sums of a verified block over this rank's real image tokens (of a token
+        subset's, when given): of its output, or (signal "delta") of its update, output minus `block_input`."""
         if self.config.signal == "delta":
             drafted, real = drafted - block_input, real - block_input
-        if self.valid_tokens is not None:
-            drafted, real = self.valid_tokens(drafted), self.valid_tokens(real)
+        if subset is not None:
+            drafted, real = drafted[:, subset.real], real[:, subset.real]
+        else:
+            layout = self._layout(drafted.shape[1])
+            if layout is not None:
+                drafted, real = drafted[:, :layout.valid], real[:, :layout.valid]
         return error_partials(drafted, real, self.config.metric)
 
 
@@ -307,6 +326,7 @@ class _SpeCaBlockHook(ModelHook):
     def __init__(self, session: SpeCaSession, active: _ActivePass, index: int, spec: BlockSpec):
         super().__init__()
         self.config = session.config
+        self.session = session
         self.active = active
         self.measure = session.error_partials
         self.spec = spec
@@ -338,14 +358,16 @@ class _SpeCaBlockHook(ModelHook):
             b = inspect.BoundArguments(self._signature, {**call.arguments, **replaced})
             return original(*b.args, **b.kwargs)
 
-        def run_subset(replaced: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-            """The block on the check's token subset: (its image stream in, its image stream out)."""
+        def run_subset(replaced: dict | None = None) -> tuple[TokenSubset, torch.Tensor, torch.Tensor]:
+            """The block on the check's token subset: (the subset, its image stream in, its image stream out);
+            counted as the whole subset's share of the whole block's FLOPs."""
             full = {**call.arguments, **(replaced or {})}
             video, text = full[image], sum(full[n].shape[1] for n in spec.streams if n != image)
-            sub = spec.subset(full, subset_index(video.shape[1], self.config.verify_tokens, video.device))
-            n = sub[image].shape[1]
-            share = block_flops(video.shape[-1], n + text) / block_flops(video.shape[-1], video.shape[1] + text)
-            return sub[image], spec.unpack(run(sub, share))[image]
+            sub = self.session.token_subset(video.shape[1], video.device)
+            args = spec.subset(full, sub)
+            total = video.shape[1] if self.session.token_layout is None else self.session.token_layout().total
+            share = block_flops(video.shape[-1], sub.drawn + text) / block_flops(video.shape[-1], total + text)
+            return sub, args[image], spec.unpack(run(args, share))[image]
 
         lean = self.config.cache == "lean"
         subset = self.config.verify_tokens < 1
@@ -356,12 +378,12 @@ class _SpeCaBlockHook(ModelHook):
                 out = run()
                 p.record("out", spec.unpack(out)[image])
                 if subset:
-                    p.record("sub.out", run_subset()[1])
+                    p.record("sub.out", run_subset()[2])
                 return out
             if lean and self.is_first_check:
                 out = run()
                 if subset:
-                    p.record("first.sub", run_subset()[1])
+                    p.record("first.sub", run_subset()[2])
                 else:
                     p.record("first.out", spec.unpack(out)[image])
                 return out
@@ -370,8 +392,8 @@ class _SpeCaBlockHook(ModelHook):
         if lean:
             if self.is_first_check:  # the real latent through the first block, against its draft
                 if subset:
-                    x, real = run_subset()
-                    p.checks.append(self.measure(p.draft("first.sub"), real, x))
+                    sub, x, real = run_subset()
+                    p.checks.append(self.measure(p.draft("first.sub"), real, x, sub))
                 else:
                     real = run()
                     p.checks.append(self.measure(p.draft("first.out"), spec.unpack(real)[image], streams[image]))
@@ -382,8 +404,8 @@ class _SpeCaBlockHook(ModelHook):
                 return run()
             drafted_in = {name: p.draft(f"in.{name}") for name in spec.streams}
             if subset:
-                x, real = run_subset(drafted_in)
-                p.checks.append(self.measure(p.draft("sub.out"), real, x))
+                sub, x, real = run_subset(drafted_in)
+                p.checks.append(self.measure(p.draft("sub.out"), real, x, sub))
                 return spec.pack({**drafted_in, image: p.draft("out")})
             real = run(drafted_in)
             p.checks.append(self.measure(p.draft("out"), spec.unpack(real)[image], drafted_in[image]))
@@ -416,14 +438,16 @@ def _transformer(target):
 
 def apply_speca(target, config: SpeCaConfig | None = None, *,
                 error_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                valid_tokens: Callable[[torch.Tensor], torch.Tensor] | None = None) -> SpeCaSession:
+                token_layout: Callable[[], object] | None = None) -> SpeCaSession:
     """Enable SpeCa on a pipeline or transformer of a registered family; returns the session.
 
     Families: HunyuanVideo, FLUX, DiT (see `speca.registry.supported()`); anything else is
     refused before any hook is added. `error_reduce` receives the per-row error partial sums
     (B, 2) and returns them summed over every rank that holds a shard of the tokens (sequence
-    parallelism), so all ranks decide alike. `valid_tokens` maps a rank's local image-token
-    tensor (B, N_local, D) to its real tokens, dropping any padding a sequence-parallel split added.
+    parallelism), so all ranks decide alike. `token_layout()` gives the shard layout of the forward
+    in flight (`pipeline.parallel.ShardLayout`: `total`, `world`, `rank`, `local` tokens per rank,
+    the first `valid` of them real), so errors leave padding out and a token-subset check draws
+    one subset for the whole clip.
 
     Example:
         >>> session = apply_speca(pipe, SpeCaConfig.from_name("default"))
@@ -441,7 +465,7 @@ def apply_speca(target, config: SpeCaConfig | None = None, *,
         family.check(transformer)
     config = config or SpeCaConfig()
     session = SpeCaSession(transformer, config, family, getattr(target, "scheduler", None), error_reduce,
-                           valid_tokens)
+                           token_layout)
     active = _ActivePass()  # the root hook's pass in flight, read by the block and capture hooks
     HookRegistry.check_if_exists_or_initialize(transformer).register_hook(_SpeCaRootHook(session, active), _ROOT_HOOK)
     for i, (block, spec) in enumerate(session.blocks):

@@ -16,7 +16,7 @@ from diffusers.models.transformers.transformer_hunyuan_video import (HunyuanVide
 from .blocks import redraft_dual_stream, redraft_joint
 from .config import SpeCaConfig
 from .flops import block_flops, speculative_fraction
-from .registry import BlockSpec, FamilySpec, register, subset_size
+from .registry import BlockSpec, FamilySpec, TokenSubset, register, subset_size
 
 STREAMS = ("hidden_states", "encoder_hidden_states")
 
@@ -33,17 +33,20 @@ def _redraft_single(block, streams: dict, args: dict, cached) -> dict:
 
 
 def _subset(rotary: str):
-    def subset(args: dict, index: torch.Tensor) -> dict:
-        """Video tokens at `index` with all text tokens: the rotary tables (video rows) and the joint
-        attention mask (B, 1, 1, video + text) follow them."""
+    def subset(args: dict, sub: TokenSubset) -> dict:
+        """Video tokens of the subset with all text tokens: the rotary tables (video rows) and the joint
+        attention mask (B, 1, 1, video columns + text; video columns in the sequence-parallel padded
+        layout when sharded) follow them, padding slots masked out."""
         video = args["hidden_states"]
-        out = {**args, "hidden_states": video.index_select(1, index)}
+        out = {**args, "hidden_states": video.index_select(1, sub.local)}
         if args.get(rotary) is not None:
-            out[rotary] = tuple(t.index_select(0, index.to(t.device)) for t in args[rotary])
+            out[rotary] = tuple(t.index_select(0, sub.local.to(t.device)) for t in args[rotary])
         mask = args.get("attention_mask")
         if mask is not None:
-            text = torch.arange(video.shape[1], mask.shape[-1], device=index.device)
-            out["attention_mask"] = mask.index_select(-1, torch.cat([index, text]).to(mask.device))
+            text = args["encoder_hidden_states"].shape[1]
+            columns = mask[..., :mask.shape[-1] - text].index_select(-1, sub.columns.to(mask.device))
+            out["attention_mask"] = torch.cat([columns & sub.column_real.to(mask.device),
+                                               mask[..., mask.shape[-1] - text:]], dim=-1)
         return out
 
     return subset

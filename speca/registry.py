@@ -29,10 +29,11 @@ class BlockSpec:
             outputs replaced by `cached(key)` drafts; gates and residual adds are computed for
             real from this step's inputs. `arguments` are all of the block's bound arguments.
         image: the stream SpeCa verifies (image or video tokens, never the text stream).
-        subset: `(arguments, index) -> arguments`: the block's bound arguments restricted to the
-            image tokens at `index` (a 1-D index into the image stream's token dimension), every
-            per-token argument (masks, rotary tables) with them; text tokens stay whole. None: the
-            block cannot be checked on a token subset (`SpeCaConfig.verify_tokens` < 1 is refused).
+        subset: `(arguments, TokenSubset) -> arguments`: the block's bound arguments restricted to
+            the image tokens at `TokenSubset.local` (this rank's positions), every per-token argument
+            (masks, rotary tables) with them, padding slots masked out; text tokens stay whole.
+            None: the block cannot be checked on a token subset (`SpeCaConfig.verify_tokens` < 1 is
+            refused).
     """
 
     streams: tuple[str, ...]
@@ -40,7 +41,7 @@ class BlockSpec:
     captures: Mapping[str, tuple[str, ...]]
     redraft: Callable[[torch.nn.Module, dict, dict, Callable[[str], torch.Tensor]], dict]
     image: str = "hidden_states"
-    subset: Callable[[dict, torch.Tensor], dict] | None = None
+    subset: Callable[[dict, "TokenSubset"], dict] | None = None
 
     def __post_init__(self) -> None:
         if set(self.streams) != set(self.returns) or self.image not in self.streams:
@@ -123,13 +124,63 @@ def subset_size(image_tokens: int, share: float) -> int:
     return max(1, round(share * image_tokens))
 
 
+@dataclass(frozen=True)
+class TokenSubset:
+    """A token-subset check's image tokens, as one rank runs them.
+
+    The subset is one fixed draw over the whole clip (`drawn` tokens). Under sequence parallelism
+    each rank runs the ones in its shard, padded to the same `slots` on every rank (the parallel
+    attention exchanges equal shards), so the check, its error and its decision equal one process's.
+
+    Args:
+        local: (slots,) positions in this rank's image tokens; padding slots repeat position 0.
+        real: (slots,) bool, False for padding slots (left out of the error).
+        columns: (world * slots,) the attention mask's image columns (its padded global layout:
+            rank r's tokens at r * local + position) of every rank's slots, rank by rank.
+        column_real: (world * slots,) bool, False for padding slots (masked out as keys).
+        drawn: tokens in the whole subset.
+    """
+
+    local: torch.Tensor
+    real: torch.Tensor
+    columns: torch.Tensor
+    column_real: torch.Tensor
+    drawn: int
+
+    @property
+    def slots(self) -> int:
+        return len(self.local)
+
+    def to(self, device) -> "TokenSubset":
+        return TokenSubset(self.local.to(device), self.real.to(device), self.columns.to(device),
+                           self.column_real.to(device), self.drawn)
+
+
 @functools.lru_cache(maxsize=16)
 def _subset_draw(image_tokens: int, share: float) -> torch.Tensor:
     gen = torch.Generator().manual_seed(image_tokens)
     return torch.randperm(image_tokens, generator=gen)[:subset_size(image_tokens, share)].sort().values
 
 
-def subset_index(image_tokens: int, share: float, device=None) -> torch.Tensor:
-    """The check's token subset: a fixed draw spread over the whole clip (seeded, so every call and
-    sample of a run uses the same one), in token order."""
-    return _subset_draw(image_tokens, share).to(device)
+@functools.lru_cache(maxsize=64)
+def _token_subset(total: int, share: float, world: int, rank: int, local: int) -> TokenSubset:
+    drawn = _subset_draw(total, share)
+    shards = [drawn[(drawn >= r * local) & (drawn < (r + 1) * local)] - r * local for r in range(world)]
+    slots = max(len(s) for s in shards)
+
+    def padded(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pad = slots - len(index)
+        return (torch.cat([index, index.new_zeros(pad)]),
+                torch.cat([torch.ones(len(index), dtype=torch.bool), torch.zeros(pad, dtype=torch.bool)]))
+
+    local_index, real = padded(shards[rank])
+    columns, column_real = zip(*(padded(s + r * local) for r, s in enumerate(shards)))
+    return TokenSubset(local_index, real, torch.cat(columns), torch.cat(column_real), len(drawn))
+
+
+def token_subset(total: int, share: float, world: int = 1, rank: int = 0, local: int | None = None,
+                 device=None) -> TokenSubset:
+    """The check's token subset: a fixed draw spread over the whole clip of `total` image tokens
+    (seeded, so every call, sample and rank of a run uses the same one), in token order; `world`,
+    `rank` and `local` (tokens per rank's shard) place it under sequence parallelism."""
+    return _token_subset(total, share, world, rank, total if local is None else local).to(device)

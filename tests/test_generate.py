@@ -69,23 +69,6 @@ def test_cli_rejects_bad_input_naming_the_field(tmp_path, capsys, flag, value, f
     assert not (tmp_path / "videos").exists()
 
 
-def test_token_subset_preset_with_sequence_parallelism_is_refused_before_anything_runs(tmp_path, capsys):
-    """Both entry points name the field before loading a model or starting Ray: the torchrun CLI
-    and the Ray job (whose default manifest is local, so nothing else can fail first)."""
-    from jobs.generate import main as job_main
-
-    code = main(["--prompt", PROMPT, "--speca", "subset", "--ulysses-degree", "2", "--output", str(tmp_path / "a")])
-    assert code == 2
-    assert "speca.verify_tokens=0.125" in capsys.readouterr().err
-    code = job_main(["--output", str(tmp_path / "b"), "--speca", "subset", "--ranks-per-replica", "2"])
-    assert code == 2
-    err = capsys.readouterr().err
-    assert "speca.verify_tokens=0.125" in err and "2 ranks" in err
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b" / "videos").exists()
-    code = main(["--prompt", PROMPT, "--speca", "subset", "--num-inference-steps", "2", "--output", str(tmp_path / "c")])
-    assert code == 0  # one process: the preset runs
-
-
 def test_speca_fills_the_stats_record(tiny_model):
     from speca import SpeCaConfig
 

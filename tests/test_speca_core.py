@@ -186,3 +186,23 @@ def test_beta_above_one_is_strict_early():
     cfg = SpeCaConfig(tau0=0.02, beta=4.0, tau_min=0.0)
     assert cfg.threshold(0, 50) == pytest.approx(0.02) and cfg.threshold(50, 50) == pytest.approx(0.08)
     assert cfg.threshold(10, 50) < cfg.threshold(40, 50)
+
+
+@pytest.mark.parametrize("total,world", [(320, 1), (320, 3), (45, 4), (5, 4)])
+def test_token_subset_shards_are_one_draw(total, world):
+    """Each rank runs its shard's part of one draw over the whole clip, padded to the same slots on every
+    rank, and the mask columns place every rank's slots in the padded layout: what the ranks check
+    together is exactly the one-process subset."""
+    from speca.registry import token_subset
+
+    alone = token_subset(total, 0.25)
+    assert alone.real.all() and alone.slots == alone.drawn == max(1, round(0.25 * total))
+    local = -(-total // world)
+    parts = [token_subset(total, 0.25, world, rank, local) for rank in range(world)]
+    assert len({p.slots for p in parts}) == 1
+    checked = torch.cat([p.local[p.real] + rank * local for rank, p in enumerate(parts)])
+    assert torch.equal(checked, alone.local)
+    for rank, p in enumerate(parts):
+        assert torch.equal(p.columns[p.column_real], alone.local)
+        assert torch.equal(p.columns.view(world, -1)[rank][p.real], p.local[p.real] + rank * local)
+        assert torch.equal(p.column_real.view(world, -1)[rank], p.real)

@@ -5,7 +5,7 @@
     device = init_from_env()                       # under torchrun
     pipe = load_pipeline(ModelConfig(device=str(device))).pipe
     sp = enable_sequence_parallel(pipe, ParallelConfig(ulysses_degree=4, ring_degree=2))
-    apply_speca(pipe, cfg, error_reduce=sp.error_reduce, valid_tokens=sp.valid_tokens)
+    apply_speca(pipe, cfg, error_reduce=sp.error_reduce, token_layout=lambda: sp.layout)
 
 Modules: `config` (degrees), `distributed` (process groups, launchers, the prompt broadcast),
 `attention` (the parallel attention processor), `shard` (hooks that split and gather the tokens),

@@ -22,10 +22,10 @@ Hooks handle any batch size, so SpeCa's sub-batched passes work unchanged. SpeCa
 its hooks with diffusers' HookRegistry, which replaces `forward`; torch pre-hooks run before
 that, so blocks SpeCa skips or drafts still see sharded inputs, and SpeCa's caches hold only
 this rank's shard (per-rank cache bytes fall with the degree). For identical per-sample
-decisions on every rank, pass this object's reducers to SpeCa:
+decisions on every rank, pass SpeCa this object's error reducer and shard layout:
 
     sp = enable_sequence_parallel(pipe, ParallelConfig(ulysses_degree=4, ring_degree=2))
-    session = apply_speca(pipe, cfg, error_reduce=sp.error_reduce, valid_tokens=sp.valid_tokens)
+    session = apply_speca(pipe, cfg, error_reduce=sp.error_reduce, token_layout=lambda: sp.layout)
 
 VAE decode: the transformer's output is the full latent on every rank, so every rank takes a
 share of the VAE's tiles and rank 0 gathers the video (`pipeline/parallel/vae.py`).
@@ -121,13 +121,6 @@ class SequenceParallel:
             dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.groups.world)
         return out
 
-    def valid_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """Drop this rank's padding tokens from a local (B, N_local, D) video tensor."""
-        if self.layout is None or x.shape[1] != self.layout.local:
-            raise RuntimeError(f"valid_tokens expects this rank's {None if self.layout is None else self.layout.local} "
-                               f"local video tokens, got shape {tuple(x.shape)}")
-        return x[:, :self.layout.valid]
-
     # --- hooks ---------------------------------------------------------------------------
 
     def _enter(self, block, args: tuple, kwargs: dict):
@@ -205,7 +198,7 @@ def enable_sequence_parallel(target, config: ParallelConfig, groups: ParallelGro
 
     Example (every rank, e.g. under torchrun after `init_from_env()`):
         >>> sp = enable_sequence_parallel(pipe, ParallelConfig(ulysses_degree=2, ring_degree=2))
-        >>> session = apply_speca(pipe, SpeCaConfig(), error_reduce=sp.error_reduce, valid_tokens=sp.valid_tokens)
+        >>> session = apply_speca(pipe, SpeCaConfig(), error_reduce=sp.error_reduce, token_layout=lambda: sp.layout)
         >>> latents = pipe(prompt=..., generator=torch.Generator().manual_seed(0), output_type="latent").frames
         >>> disable_sequence_parallel(pipe)
     """
