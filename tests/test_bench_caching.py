@@ -7,9 +7,11 @@ import math
 
 import pytest
 
-from bench import caching
+from bench import caching, caching_report, flop_count, peers, speca_rows
+from bench.method import FAMILIES, Method, select
 from pipeline.loading import bundled_model_dir
 from pipeline.tiny.worlds import world_of
+from speca import SpeCaConfig
 
 SPECA = ["speca-default", "speca-default-b1", "speca-reference-1.0"]
 WORKING = [*SPECA, "magcache-0.06", "pab-2-branch", "fastercache-2-branch", "fewer-steps-5"]
@@ -50,11 +52,10 @@ def test_uncached_runs_reproduce_exactly_and_a_cached_run_does_not(tiny_model):
     other row's PSNR and SSIM a measure of its method is that a second, separate uncached run gives the
     same clips (inf dB, SSIM 1), while a run with caching gives different ones."""
     from pipeline.config import SampleRequest
-    from speca import SpeCaConfig
 
     requests = [SampleRequest(prompt=WORLD.eval_set(1)[0].prompt, seed=WORLD.eval_seed_base, num_inference_steps=6)]
-    ref = caching.Method("no cache", "reference", "reference")
-    speca = caching.Method("SpeCa, every draft accepted", "speca", "speca-inf",
+    ref = Method("no cache", "reference", "reference")
+    speca = Method("SpeCa, every draft accepted", "speca", "speca-inf",
                            SpeCaConfig(tau0=math.inf, tau_min=math.inf, warmup_steps=2, max_spec=3), batch=1)
     first = caching.run_method(tiny_model, ref, requests)
     again = caching.make_row(ref, caching.run_method(tiny_model, ref, requests), first, [1.0], [1.0])
@@ -63,7 +64,7 @@ def test_uncached_runs_reproduce_exactly_and_a_cached_run_does_not(tiny_model):
     assert again["flops_speedup"] == pytest.approx(1.0) and again["flops_speedup_60"] == pytest.approx(1.0)
     assert again["failures"] == []
     for f in cached["failures"]:  # each one is under the PSNR bar or judged otherwise than the uncached clip
-        assert f["psnr"] < caching.FAILURE_PSNR_DB or f["flipped"]
+        assert f["psnr"] < caching_report.FAILURE_PSNR_DB or f["flipped"]
     assert math.isfinite(cached["psnr"]) and cached["ssim"] < 1.0
     assert cached["full_steps"] == [3] and cached["flops_speedup"] > 1.5  # FF SSS F: 3 full steps of 6
 
@@ -128,7 +129,7 @@ def test_goals_are_computed_from_the_rows(report):
         for family in ("fewer-steps", "magcache", "fastercache", "pab"):
             peer = best([r for r in ok if r["family"] == family])
             table = lines.index(next(ln for ln in lines if ln.startswith(f"Goal 1{'ab'[n]}, FLOPs {where}")))
-            line = next(ln for ln in lines[table:] if ln.startswith(f"| {caching.FAMILIES[family]} |"))
+            line = next(ln for ln in lines[table:] if ln.startswith(f"| {FAMILIES[family]} |"))
             if peer is None:
                 assert "no row above the floor" in line
                 beaten.append(speca is not None)
@@ -157,7 +158,7 @@ def test_projection_to_60_blocks_follows_the_step_patterns(report):
     _, _, _, rows = report
     for key in SPECA:
         r = rows[key]
-        verify_first = key.startswith("speca-default") and caching.SpeCaConfig.from_name("default").verify_first
+        verify_first = key.startswith("speca-default") and SpeCaConfig.from_name("default").verify_first
         drafted = 1 + int(verify_first)  # the last block, and the first when it is checked too
         cost = sum(p.count("F") * 60 + p.count("S") * drafted + p.count("R") * (60 + drafted) for p in r["patterns"])
         expected = 60 * sum(len(p) for p in r["patterns"]) / cost
@@ -170,33 +171,33 @@ def test_projection_to_60_blocks_follows_the_step_patterns(report):
 
 def test_projected_fraction_keeps_fixed_blocks_and_scales_the_rest():
     ref = [10.0] * 6
-    assert caching.projected_fraction([5.0] * 6, ref, [5] * 6, 5) == pytest.approx(0.5)  # whole steps skipped
+    assert flop_count.projected_fraction([5.0] * 6, ref, [5] * 6, 5) == pytest.approx(0.5)  # whole steps skipped
     first_always = [10.0] + [2.0] * 5  # one block at every call, the others at a fifth of the calls
     ran = [10] + [2] * 5
-    assert caching.projected_fraction(first_always, ref, ran, 10, depth=6) == pytest.approx(sum(first_always) / 60)
-    deep = caching.projected_fraction(first_always, ref, ran, 10, depth=60)
+    assert flop_count.projected_fraction(first_always, ref, ran, 10, depth=6) == pytest.approx(sum(first_always) / 60)
+    deep = flop_count.projected_fraction(first_always, ref, ran, 10, depth=60)
     assert 0.2 < deep < sum(first_always) / 60  # the fixed block weighs 1/60 there, not 1/6
     # A check on a token subset runs at every call for a fraction of a block's FLOPs: still a fixed cost.
     subset = [3.0] + [2.0] * 5
-    assert caching.projected_fraction(subset, ref, ran, 10, depth=60) == pytest.approx((0.3 + 59 * 0.2) / 60)
+    assert flop_count.projected_fraction(subset, ref, ran, 10, depth=60) == pytest.approx((0.3 + 59 * 0.2) / 60)
     # Runs alone (batch 1) make more calls than the batched reference; only the method's own calls count.
-    assert caching.projected_fraction(first_always, ref, [20] + [4] * 5, 20, depth=60) == pytest.approx(deep)
+    assert flop_count.projected_fraction(first_always, ref, [20] + [4] * 5, 20, depth=60) == pytest.approx(deep)
 
 
 def test_pareto_front_keeps_only_undominated_points():
     pts = [(1.0, 40.0), (1.5, 35.0), (1.4, 30.0), (2.0, 35.0), (3.0, 20.0)]
-    assert caching.pareto_front(pts) == [(1.0, 40.0), (2.0, 35.0), (3.0, 20.0)]
+    assert caching_report.pareto_front(pts) == [(1.0, 40.0), (2.0, 35.0), (3.0, 20.0)]
 
 
 def test_only_selects_by_key_family_and_wildcard():
-    methods = caching.speca_methods() + caching.diffusers_methods(STEPS, lambda: [1.0] * STEPS)
-    assert [m.key for m in caching.select(methods, "speca-default*")][:2] == ["speca-default", "speca-default-b1"]
-    assert {m.key for m in caching.select(methods, "pab")} == {"pab-2", "pab-3", "pab-4", "pab-2-branch",
+    methods = speca_rows.speca_methods() + peers.diffusers_methods(STEPS, lambda: [1.0] * STEPS)
+    assert [m.key for m in select(methods, "speca-default*")][:2] == ["speca-default", "speca-default-b1"]
+    assert {m.key for m in select(methods, "pab")} == {"pab-2", "pab-3", "pab-4", "pab-2-branch",
                                                                 "pab-3-branch", "pab-4-branch"}
-    assert [m.key for m in caching.select(methods, "magcache-0.06, fbc-*")] == ["fbc-0.05", "fbc-0.1", "fbc-0.2",
+    assert [m.key for m in select(methods, "magcache-0.06, fbc-*")] == ["fbc-0.05", "fbc-0.1", "fbc-0.2",
                                                                                  "magcache-0.06"]
-    assert len(caching.select(methods, "all")) == len(methods)
-    assert caching.select(methods, "nothing-like-this") == []
+    assert len(select(methods, "all")) == len(methods)
+    assert select(methods, "nothing-like-this") == []
 
 
 def test_pab_state_is_shared_by_cfg_branches_and_the_wrapper_splits_it(tiny_model):
@@ -220,7 +221,7 @@ def test_pab_state_is_shared_by_cfg_branches_and_the_wrapper_splits_it(tiny_mode
         Generator(tiny_model).generate([request], batch_size=1)
         assert seen == list(range(2 * steps))  # as shipped: one counter, advanced by cond and uncond
         seen.clear()
-        with caching.per_branch_state(pipe.transformer):
+        with peers.per_branch_state(pipe.transformer):
             Generator(tiny_model).generate([request], batch_size=1)
         assert seen == [i for i in range(steps) for _ in range(2)]  # each branch counts its own steps
     finally:

@@ -17,6 +17,7 @@ os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "warning")  # before cache_dit is f
 cache_dit = pytest.importorskip("cache_dit")
 
 from bench import caching  # noqa: E402
+from bench.flop_count import count_block_flops  # noqa: E402
 from bench.cache_dit_peer import BLOCK_LISTS, CacheDitSetting, cache_bytes, cached_calls, disable  # noqa: E402
 from pipeline.generate import Generator  # noqa: E402
 from pipeline.tiny.worlds import world_of  # noqa: E402
@@ -74,8 +75,8 @@ def counted(model, requests):
     counts, handles = block_calls(transformer)
     try:
         with contextlib.ExitStack() as stack:
-            total = stack.enter_context(caching.count_block_flops(transformer))
-            per_list = {name: stack.enter_context(caching.count_block_flops(types.SimpleNamespace(
+            total = stack.enter_context(count_block_flops(transformer))
+            per_list = {name: stack.enter_context(count_block_flops(types.SimpleNamespace(
                 transformer_blocks=getattr(transformer, name), single_transformer_blocks=[])))
                 for name in BLOCK_LISTS}
             samples = generate(model, requests)
