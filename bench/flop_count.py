@@ -1,4 +1,8 @@
-"""FLOPs a method spends in the transformer blocks, counted per call while it runs, and projected to a deeper model."""
+"""FLOPs a method spends in the transformer blocks, counted per call while it runs, and projected to a deeper model.
+
+Each call is priced with `speca.flops`' `linear_flops` and `attention_flops`, the pieces SpeCa's own
+compute record and the stats are built from (one counting rule; tests/test_flops.py checks it against
+torch's FlopCounterMode)."""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ import contextlib
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from speca.flops import attention_flops, linear_flops
 
 HUNYUAN_DEPTH = 60  # HunyuanVideo's 20 dual- + 40 single-stream blocks, for the projected speedups
 
@@ -29,7 +35,7 @@ def count_block_flops(transformer):
 
     def linear_hook(module, inputs, output):
         x = inputs[0]
-        add(2.0 * x.numel() / x.shape[-1] * module.in_features * module.out_features)
+        add(linear_flops(x.numel() / x.shape[-1], module.in_features, module.out_features))
 
     def enter(index):
         def hook(module, inputs):
@@ -56,8 +62,8 @@ def count_block_flops(transformer):
         if inside:
             q = kwargs["query"] if "query" in kwargs else args[0]
             k = kwargs["key"] if "key" in kwargs else args[1]
-            # (B, heads, Nq, d) x (B, heads, Nk, d): scores and weighted sum, 2 x 2 x B x h x Nq x Nk x d
-            add(4.0 * q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * q.shape[3])
+            batch, heads, queries, head_dim = q.shape  # diffusers' native backend: (B, heads, N, head dim)
+            add(batch * attention_flops(queries, k.shape[2], heads * head_dim))
             attended[-1] = True
         return original(*args, **kwargs)
 
