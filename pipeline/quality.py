@@ -24,22 +24,35 @@ def _float64(x) -> torch.Tensor:
 
 
 def psnr(a, b, data_range: float | None = None, per_frame: bool = True) -> float:
-    """PSNR in dB of two arrays or tensors of the same shape; ``inf`` when they are identical.
+    """PSNR in dB of two arrays or tensors of the same shape (torchmetrics'); ``inf`` when they are identical.
 
     per_frame: the PSNR of each entry along the first axis (the frames of a clip), averaged, as
-        the caching papers report it (a frame's MSE is floored at 1e-10); False: of the whole array.
+        the caching papers report it (a frame's MSE is floored at 1e-10, so one identical frame does not
+        make a clip's mean infinite); False: of the whole array.
     data_range: the value range's width: 255 for uint8 (the default for uint8 inputs), 1.0 for
         [0, 1] (the default otherwise), 2.0 for [-1, 1].
     """
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
     if tuple(a.shape) != tuple(b.shape):
         raise ValueError(f"psnr needs arrays of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     if data_range is None:
         data_range = 255.0 if a.dtype in (np.uint8, torch.uint8) else 1.0
-    sq = (_float64(a) - _float64(b).to(_float64(a).device)) ** 2
-    mse = sq.reshape(sq.shape[0], -1).mean(dim=1) if per_frame and sq.dim() > 1 else sq.mean().reshape(1)
-    if float(mse.max()) == 0.0:
+    x = _float64(a)
+    y = _float64(b).to(x.device)
+    if torch.equal(x, y):
         return math.inf
-    return float((10.0 * torch.log10(data_range**2 / mse.clamp(min=1e-10))).mean())
+    dims = tuple(range(1, x.dim())) if per_frame and x.dim() > 1 else tuple(range(x.dim()))
+    # torchmetrics makes its range and log-base constants in the default dtype: in float32 they move a result
+    # by up to 3e-7 dB (0 dB read as 3e-7), so the call runs with float64 as the default.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        values = peak_signal_noise_ratio(x, y, data_range=data_range, reduction="none", dim=dims)
+    finally:
+        torch.set_default_dtype(previous)
+    ceiling = 10.0 * math.log10(data_range**2 / 1e-10)  # the MSE floor
+    return float(values.clamp(max=ceiling).mean())
 
 
 def ssim(a: np.ndarray, b: np.ndarray) -> float:
