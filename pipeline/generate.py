@@ -152,6 +152,8 @@ class Generator:
         t0 = time.perf_counter()
         text = self._encode_text(batch)
         cfg = dict(true_cfg_scale=first.true_cfg_scale) if "negative_prompt_embeds" in text else {}
+        if self.session is not None:  # joint CFG checks the guided prediction, so it needs the scale
+            self.session.set_guidance_scale(cfg.get("true_cfg_scale"))
         t1 = time.perf_counter()
         template = info.defaults.prompt_template
         latents = pipe(

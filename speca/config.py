@@ -7,7 +7,8 @@ from dataclasses import asdict, dataclass, replace
 
 CACHE_MODES = ("module", "lean")
 METRICS = ("rel_l1", "rel_l2", "rel_l1_elementwise")
-SIGNALS = ("output", "delta")
+SIGNALS = ("output", "delta", "prediction")
+CFG_BRANCHES = ("leader", "joint")
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,17 @@ class SpeCaConfig:
             minus input), drafted vs real; the same difference over a denominator that is the
             block's update, not the residual stream it rides on, so the error is not diluted by
             the stream (whose norm is many times the update's and varies by sample and step).
+            `"prediction"`: the model's prediction, its output head (final norm and projection) on the
+            last block's drafted and real outputs: what the sampler steps with, where the stream's
+            error understates it several times over (the verified block must be the last one).
+        cfg_branches: how classifier-free guidance run as separate calls (cache contexts "cond" and
+            "uncond") is checked. `"leader"`: the first context to reach a step decides for the
+            sample from its own check and the others follow unchecked. `"joint"`: the first
+            context's call also runs the others' (their text arguments with its latent, in one batch)
+            and one check sees every branch: the guided prediction when the session knows the CFG
+            scale (`SpeCaSession.set_guidance_scale`), else the branches' errors pooled. True CFG
+            amplifies the branches' draft errors by the scale, so the guided error is the one that
+            moves the trajectory.
         verify_first: also run the first block for real on the real input (the latent this step
             actually starts from) and check its drafted output there; the sample's error is the
             larger of the two checks. The last-block check alone compares drafts with drafts, so a
@@ -67,6 +79,7 @@ class SpeCaConfig:
     tau_min: float = 0.0
     metric: str = "rel_l1"
     signal: str = "output"
+    cfg_branches: str = "leader"
     verify_first: bool = False
     verify_tokens: float = 1.0
     max_error_sum: float = math.inf
@@ -88,6 +101,8 @@ class SpeCaConfig:
             bad("metric", self.metric, f"one of {METRICS}")
         if self.signal not in SIGNALS:
             bad("signal", self.signal, f"one of {SIGNALS}")
+        if self.cfg_branches not in CFG_BRANCHES:
+            bad("cfg_branches", self.cfg_branches, f"one of {CFG_BRANCHES}")
         if not isinstance(self.verify_first, bool):
             bad("verify_first", self.verify_first, "True or False")
         v = self.verify_tokens

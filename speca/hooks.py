@@ -64,6 +64,9 @@ class _ContextStates(StateManager):
     def states(self) -> list[_ContextState]:
         return list(self._state_cache.values())
 
+    def state_of(self, name: str) -> _ContextState:
+        return self._state_cache[name]
+
 
 @dataclass
 class SampleSpeCaStats:
@@ -85,21 +88,32 @@ class SampleSpeCaStats:
 
 
 @dataclass
+class _Segment:
+    """Consecutive rows of a pass that share one feature cache (one cache context's)."""
+
+    forecaster: NewtonForecaster
+    rows: torch.Tensor  # the rows' index in that cache's batch
+
+
+@dataclass
 class _Pass:
     """One pass of the model's forward in flight, handed to the block hooks through `_ActivePass`."""
 
     mode: str  # "draft" or "full"
-    rows: torch.Tensor  # batch rows in this pass (the forecaster's row index)
+    segments: list[_Segment]  # the pass's rows, in order: one segment per cache context in it
     step: int
-    forecaster: NewtonForecaster
-    checks: list[torch.Tensor] = field(default_factory=list)  # (B, 2) error partials per verified block
+    checks: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (drafted, real) per check
     blocks: float = 0.0  # blocks executed, a token-subset run counted as its share of a block's FLOPs
 
     def record(self, key: str, value: torch.Tensor) -> None:
-        self.forecaster.update(key, self.rows, self.step, value)
+        start = 0
+        for seg in self.segments:
+            seg.forecaster.update(key, seg.rows, self.step, value[start:start + len(seg.rows)])
+            start += len(seg.rows)
 
     def draft(self, key: str) -> torch.Tensor:
-        return self.forecaster.predict(key, self.rows, self.step)
+        parts = [seg.forecaster.predict(key, seg.rows, self.step) for seg in self.segments]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 class _ActivePass:
@@ -121,6 +135,8 @@ class SpeCaSession:
         self.scheduler = scheduler
         self.error_reduce = error_reduce
         self.token_layout = token_layout
+        self.transformer = transformer
+        self.guidance_scale: float | None = None
         self.blocks = family.iter_blocks(transformer)
         self.num_blocks = len(self.blocks)
         last = family.block_lists[-1]
@@ -131,6 +147,10 @@ class SpeCaSession:
         self.verify_index = self.num_blocks - num_last + config.verify_block % num_last  # in all blocks
         blocks_after = self.num_blocks - 1 - self.verify_index
         self.verify_first = config.verify_first and self.verify_index != 0
+        if config.signal == "prediction" and (family.head is None or self.verify_index != self.num_blocks - 1):
+            raise ValueError(f"SpeCaConfig.signal='prediction' needs the verified block to be the last one "
+                             f"(verify_block=-1) of a family with an output head; {family.name}: "
+                             f"{'no head' if family.head is None else f'block {self.verify_index}'}")
         # Blocks a draft pass executes: the verified one, (lean cache) those after it, the first one
         # when it is verified too.
         self.draft_blocks = 1 + (blocks_after if config.cache == "lean" else 0) + int(self.verify_first)
@@ -144,6 +164,8 @@ class SpeCaSession:
         self.states = _ContextStates(_ContextState)
         self.controller: StepController | None = None
         self.leader: str | None = None
+        self.followers: dict[str, dict] = {}  # other cache contexts -> the arguments of their last call
+        self.pending: dict[tuple[str, int], tuple[dict, torch.Tensor]] = {}  # joint CFG: (context, step) -> output
         self.num_steps_override: int | None = None
         self.last_stats: list[SampleSpeCaStats] = []
         self.peak_cache_bytes = 0
@@ -152,6 +174,13 @@ class SpeCaSession:
     def begin(self, num_steps: int) -> None:
         """Set the number of denoising steps for a custom loop (pipelines need not call this)."""
         self.num_steps_override = int(num_steps)
+
+    def set_guidance_scale(self, scale: float | None) -> None:
+        """The true-CFG scale of the generations to come (the pipeline does not tell its transformer).
+        With `cfg_branches="joint"` and "cond" / "uncond" contexts, checks then measure the guided
+        prediction `uncond + scale * (cond - uncond)`, the one the sampler steps with; None: each
+        branch's error, pooled."""
+        self.guidance_scale = None if scale is None else float(scale)
 
     def num_steps(self, context) -> int:
         if context is not None and context.num_inference_steps:
@@ -169,6 +198,8 @@ class SpeCaSession:
             self.last_stats = self.stats()
         self.controller = None
         self.leader = None
+        self.followers = {}
+        self.pending = {}
         self.peak_cache_bytes = 0
         for st in self.states.states():
             st.reset()
@@ -199,36 +230,72 @@ class SpeCaSession:
             return token_subset(local_tokens, self.config.verify_tokens, device=device)
         return token_subset(layout.total, self.config.verify_tokens, layout.world, layout.rank, layout.local, device)
 
-    def error_partials(self, drafted: torch.Tensor, real: torch.Tensor, block_input: torch.Tensor,
-                       subset: TokenSubset | None = None) -> torch.Tensor:
-        """Error partial sums of a verified block over this rank's real image tokens (of a token
-        subset's, when given): of its output, or (signal "delta") of its update, output minus `block_input`."""
+    def check_pair(self, drafted: torch.Tensor, real: torch.Tensor, block_input: torch.Tensor, args: dict,
+                   last: bool, subset: TokenSubset | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a check compares, over this rank's real image tokens (a token subset's, when given): a
+        verified block's drafted and real output, or (signal "delta") update, output minus `block_input`,
+        or (signal "prediction", the last block) the model's prediction, its output head on them."""
         if self.config.signal == "delta":
             drafted, real = drafted - block_input, real - block_input
+        elif self.config.signal == "prediction" and last:
+            drafted, real = (self.family.head(self.transformer, x, args) for x in (drafted, real))
         if subset is not None:
-            drafted, real = drafted[:, subset.real], real[:, subset.real]
-        else:
-            layout = self._layout(drafted.shape[1])
-            if layout is not None:
-                drafted, real = drafted[:, :layout.valid], real[:, :layout.valid]
-        return error_partials(drafted, real, self.config.metric)
+            return drafted[:, subset.real], real[:, subset.real]
+        layout = self._layout(drafted.shape[1])
+        if layout is not None:
+            return drafted[:, :layout.valid], real[:, :layout.valid]
+        return drafted, real
+
+
+def _sample_partials(session: SpeCaSession, checks: list[tuple[torch.Tensor, torch.Tensor]], row_samples: list[int],
+                     row_contexts: list[str]) -> tuple[list[int], torch.Tensor]:
+    """Per-sample error partials (S, 2 per check) of a draft pass whose rows belong to `row_samples`.
+
+    A sample's rows (a concatenated CFG batch, or joint CFG's cond and uncond rows) share one error:
+    of the guided prediction when the session knows the CFG scale and the rows are the "cond" and
+    "uncond" contexts' (what the sampler steps with), otherwise their partials summed.
+    """
+    samples = sorted(set(row_samples))
+    rows = {(c, s): i for i, (c, s) in enumerate(zip(row_contexts, row_samples))}
+    guided = session.guidance_scale is not None and all(("cond", s) in rows and ("uncond", s) in rows
+                                                         for s in samples)
+    out = []
+    for drafted, real in checks:
+        if guided:
+            cond = torch.tensor([rows["cond", s] for s in samples], device=drafted.device)
+            uncond = torch.tensor([rows["uncond", s] for s in samples], device=drafted.device)
+            w = session.guidance_scale
+            drafted, real = ((x[uncond] + w * (x[cond] - x[uncond])) for x in (drafted, real))
+            out.append(error_partials(drafted, real, session.config.metric))
+            continue
+        partials = error_partials(drafted, real, session.config.metric)
+        index = torch.tensor([samples.index(s) for s in row_samples], device=partials.device)
+        out.append(partials.new_zeros((len(samples), 2)).index_add_(0, index, partials))
+    return samples, torch.cat(out, dim=1)
 
 
 @torch.compiler.disable
-def _decide(session: SpeCaSession, step: int, speculate: list[bool], row_samples: list[int],
-            partials: torch.Tensor) -> list[bool]:
-    """The data-dependent accept/reject, kept out of any compiled region.
-
-    `partials` has one row per drafted batch row; rows of one sample (a concatenated CFG batch)
-    are summed first, so the sample gets one error over all its rows.
-    """
+def _decide(session: SpeCaSession, step: int, speculate: list[bool], row_samples: list[int], row_contexts: list[str],
+            checks: list[tuple[torch.Tensor, torch.Tensor]]) -> list[bool]:
+    """The data-dependent accept/reject, kept out of any compiled region: each sample's error (the
+    largest of its checks'), its partial sums added over every rank first."""
+    samples, partials = _sample_partials(session, checks, row_samples, row_contexts)
     if session.error_reduce is not None:
         partials = session.error_reduce(partials)
-    samples = sorted(set(row_samples))
-    index = torch.tensor([samples.index(s) for s in row_samples], device=partials.device)
-    per_sample = partials.new_zeros((len(samples), partials.shape[1])).index_add_(0, index, partials)
-    errors = error_from_partials(per_sample, session.config.metric)
+    errors = error_from_partials(partials, session.config.metric)
     return session.controller.decide(step, speculate, dict(zip(samples, errors)))
+
+
+def _check_same(args: dict, expected: dict, context: str, step: int) -> None:
+    """Joint CFG ran this call already at the leader's call: refuse if its arguments are not those it assumed."""
+    for key, value in expected.items():
+        got = args.get(key)
+        same = (torch.equal(got, value) if isinstance(value, torch.Tensor) and isinstance(got, torch.Tensor)
+                else got is value or (not isinstance(got, torch.Tensor) and got == value))
+        if not same:
+            raise RuntimeError(f"SpeCa cfg_branches='joint': the {context!r} call at step {step} got another "
+                               f"{key!r} than its previous call and the leading context's call (the latent, timestep "
+                               f"and guidance must be the leader's, the text arguments fixed); use cfg_branches='leader'")
 
 
 class _SpeCaRootHook(ModelHook):
@@ -276,50 +343,97 @@ class _SpeCaRootHook(ModelHook):
         st.step += 1
         if st.forecaster is None:
             st.forecaster = NewtonForecaster(s.config.order, batch)
-
         ctrl = s.controller
+        if name != s.leader:
+            s.followers[name] = a
+        done = s.pending.pop((name, step), None)
+        if done is not None:  # joint CFG computed this call at the leader's call
+            _check_same(a, *done[:1], name, step)
+            ctrl.count_blocks(list(range(num_samples)), 0, s.num_blocks)
+            return self._result(done[1], return_dict)
+
         leader = step not in ctrl.decisions
+        # Joint CFG: the leading context's call runs every other context's too, in one batch, so one check
+        # sees all of a sample's branches; the others' calls then get their rows.
+        contexts = [(name, st, a)]
+        if leader and s.config.cfg_branches == "joint":
+            contexts += [(other, s.states.state_of(other), {**a, **{k: v for k, v in fa.items()
+                                                                      if k in s.family.branch_args}})
+                         for other, fa in s.followers.items()]
+        joint = self._stack([c[2] for c in contexts], batch)
+        row_sample = sample_of * len(contexts)
+        row_context = [c[0] for c in contexts for _ in range(batch)]
         speculate, accepted = (ctrl.plan(step), None) if leader else ctrl.decisions[step]
-        draft_rows = [r for r in range(batch) if speculate[sample_of[r]] and (leader or accepted[sample_of[r]])]
+        rows = range(len(row_sample))
+        draft_rows = [r for r in rows if speculate[row_sample[r]] and (leader or accepted[row_sample[r]])]
         out = None
         if draft_rows:
-            draft_out, partials, blocks = self._pass(module, a, "draft", draft_rows, step, st.forecaster, batch)
-            ctrl.count_blocks(sorted({sample_of[r] for r in draft_rows}), blocks, 0)
+            draft_out, checks, blocks = self._pass(module, joint, "draft", draft_rows, step, contexts, batch)
+            for r in draft_rows:
+                ctrl.count_blocks([row_sample[r]], blocks, 0)
             if leader:
-                accepted = _decide(s, step, speculate, [sample_of[r] for r in draft_rows], partials)
-            out = torch.empty((batch, *draft_out.shape[1:]), dtype=draft_out.dtype, device=draft_out.device)
+                accepted = _decide(s, step, speculate, [row_sample[r] for r in draft_rows],
+                                   [row_context[r] for r in draft_rows], checks)
+            out = torch.empty((len(row_sample), *draft_out.shape[1:]), dtype=draft_out.dtype, device=draft_out.device)
             out[torch.tensor(draft_rows, device=out.device)] = draft_out
         elif leader:
             accepted = ctrl.decide(step, speculate, {})
-        full_rows = [r for r in range(batch) if not (speculate[sample_of[r]] and accepted[sample_of[r]])]
+        full_rows = [r for r in rows if not (speculate[row_sample[r]] and accepted[row_sample[r]])]
         if full_rows:
-            full_out, _, blocks = self._pass(module, a, "full", full_rows, step, st.forecaster, batch)
-            st.forecaster.commit(step)
-            ctrl.count_blocks(sorted({sample_of[r] for r in full_rows}), blocks, 0)
+            full_out, _, blocks = self._pass(module, joint, "full", full_rows, step, contexts, batch)
+            for _, state, _ in contexts:
+                state.forecaster.commit(step)
+            for r in full_rows:
+                ctrl.count_blocks([row_sample[r]], blocks, 0)
             if out is None:
                 out = full_out
             else:
                 out[torch.tensor(full_rows, device=out.device)] = full_out
         ctrl.count_blocks(list(range(num_samples)), 0, s.num_blocks)
+        for i, (other, _, expected) in enumerate(contexts[1:], start=1):
+            s.pending[other, step] = (expected, out[i * batch:(i + 1) * batch])
         s.peak_cache_bytes = max(s.peak_cache_bytes, s.cache_bytes())
+        return self._result(out[:batch], return_dict)
+
+    @staticmethod
+    def _result(out: torch.Tensor, return_dict: bool):
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 
-    def _pass(self, module, a: dict, mode: str, rows: list[int], step: int, forecaster: NewtonForecaster,
-              batch: int) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    def _stack(self, calls: list[dict], batch: int) -> dict:
+        """One call's arguments for several contexts' calls: batched arguments concatenated (one row that
+        the model broadcasts over the batch, e.g. a single negative prompt's embedding, repeated)."""
+        if len(calls) == 1:
+            return calls[0]
+        out = dict(calls[0])
+        for k in self.session.family.batched_args:
+            values = [c.get(k) for c in calls]
+            if all(isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] in (1, batch) for v in values):
+                out[k] = torch.cat([v.expand(batch, *v.shape[1:]) for v in values])
+        return out
+
+    def _pass(self, module, a: dict, mode: str, rows: list[int], step: int, contexts: list, batch: int
+              ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]], float]:
+        """The model's forward on `rows` of the (joint) batch; row r is row r % batch of context r // batch."""
         kwargs = dict(a)
-        if len(rows) != batch:
+        total = batch * len(contexts)
+        if len(rows) != total:
             index = torch.tensor(rows, device=a["hidden_states"].device)
             for k in self.session.family.batched_args:
                 v = kwargs.get(k)
-                if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch:
+                if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == total:
                     kwargs[k] = v.index_select(0, index.to(v.device))
-        current = _Pass(mode, torch.tensor(rows), step, forecaster)
+        segments = []
+        for i, (_, state, _) in enumerate(contexts):
+            mine = [r - i * batch for r in rows if i * batch <= r < (i + 1) * batch]
+            if mine:
+                segments.append(_Segment(state.forecaster, torch.tensor(mine)))
+        current = _Pass(mode, segments, step)
         self.active.current = current
         try:
             out = self.fn_ref.original_forward(**kwargs, return_dict=False)[0]
         finally:
             self.active.current = None
-        return out, torch.cat(current.checks, dim=1) if current.checks else None, current.blocks
+        return out, current.checks, current.blocks
 
 
 class _SpeCaBlockHook(ModelHook):
@@ -328,7 +442,6 @@ class _SpeCaBlockHook(ModelHook):
         self.config = session.config
         self.session = session
         self.active = active
-        self.measure = session.error_partials
         self.spec = spec
         self.prefix = f"block{index}"  # position among all blocks, in execution order
         self.is_verify = index == session.verify_index
@@ -393,10 +506,11 @@ class _SpeCaBlockHook(ModelHook):
             if self.is_first_check:  # the real latent through the first block, against its draft
                 if subset:
                     sub, x, real = run_subset()
-                    p.checks.append(self.measure(p.draft("first.sub"), real, x, sub))
+                    p.checks.append(self.session.check_pair(p.draft("first.sub"), real, x, call.arguments, False, sub))
                 else:
                     real = run()
-                    p.checks.append(self.measure(p.draft("first.out"), spec.unpack(real)[image], streams[image]))
+                    p.checks.append(self.session.check_pair(p.draft("first.out"), spec.unpack(real)[image],
+                                                            streams[image], call.arguments, False))
                 return spec.pack(streams)
             if self.before_verify:
                 return spec.pack(streams)  # skipped: re-drafted at the verified block
@@ -405,16 +519,18 @@ class _SpeCaBlockHook(ModelHook):
             drafted_in = {name: p.draft(f"in.{name}") for name in spec.streams}
             if subset:
                 sub, x, real = run_subset(drafted_in)
-                p.checks.append(self.measure(p.draft("sub.out"), real, x, sub))
+                p.checks.append(self.session.check_pair(p.draft("sub.out"), real, x, call.arguments, True, sub))
                 return spec.pack({**drafted_in, image: p.draft("out")})
             real = run(drafted_in)
-            p.checks.append(self.measure(p.draft("out"), spec.unpack(real)[image], drafted_in[image]))
+            p.checks.append(self.session.check_pair(p.draft("out"), spec.unpack(real)[image], drafted_in[image],
+                                                    call.arguments, True))
             return real
         drafted = spec.redraft(module, streams, call.arguments, lambda key: p.draft(f"{self.prefix}.{key}"))
         if not (self.is_verify or self.is_first_check):
             return spec.pack(drafted)
         real = run()
-        p.checks.append(self.measure(drafted[image], spec.unpack(real)[image], streams[image]))
+        p.checks.append(self.session.check_pair(drafted[image], spec.unpack(real)[image], streams[image],
+                                                call.arguments, self.is_verify))
         return real
 
 

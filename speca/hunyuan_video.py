@@ -52,6 +52,12 @@ def _subset(rotary: str):
     return subset
 
 
+def _head(transformer, video: torch.Tensor, args: dict) -> torch.Tensor:
+    """The prediction per video token: `norm_out` then `proj_out`, as the model's forward ends (its forward
+    called directly, so a sequence-parallel gather hook on `proj_out` does not run)."""
+    return transformer.proj_out.forward(transformer.norm_out(video, args["temb"]))
+
+
 FAMILY = register(FamilySpec(
     name="HunyuanVideo",
     model_class=HunyuanVideoTransformer3DModel,
@@ -65,6 +71,8 @@ FAMILY = register(FamilySpec(
     },
     batched_args=("hidden_states", "encoder_hidden_states", "encoder_attention_mask", "pooled_projections",
                   "timestep", "guidance"),
+    branch_args=("encoder_hidden_states", "encoder_attention_mask", "pooled_projections"),
+    head=_head,
 ))
 
 

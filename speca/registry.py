@@ -77,6 +77,12 @@ class FamilySpec:
             None: every row is its own sample.
         check: `(transformer) -> None`, raises a clear error for a configuration of the class
             the specs do not cover (called by `apply_speca` before any hook is added).
+        branch_args: the forward arguments in which CFG branches run as separate calls differ (the
+            text); joint CFG (`SpeCaConfig.cfg_branches`) takes them from each branch's call and
+            everything else from the leading branch's.
+        head: `(transformer, image_stream, block_arguments) -> prediction tokens`: the model's output
+            head on the last block's image stream, per token and without module hooks
+            (`SpeCaConfig.signal="prediction"`); None: the family has no such check.
     """
 
     name: str
@@ -86,6 +92,8 @@ class FamilySpec:
     batched_args: tuple[str, ...]
     samples: Callable[[torch.nn.Module, dict, int], list[int]] | None = None
     check: Callable[[torch.nn.Module], None] | None = None
+    branch_args: tuple[str, ...] = ()
+    head: Callable[[torch.nn.Module, torch.Tensor, dict], torch.Tensor] | None = None
 
     def iter_blocks(self, transformer) -> list[tuple[torch.nn.Module, BlockSpec]]:
         out = []

@@ -32,8 +32,10 @@ BASE = {
     "subset_inf": SpeCaConfig(cache="lean", warmup_steps=2, max_spec=3, tau0=INF, tau_min=INF, verify_tokens=0.25),
 }
 CALIBRATED_FROM = {"lean_tau": "lean_inf", "module_tau": "module_inf", "cfg_lean_tau": "cfg_lean_inf",
-                   "odd_module_tau": "odd_module_inf", "subset_tau": "subset_inf"}
-CALIBRATION = {"cfg_lean_inf": BASE["lean_inf"], "odd_module_inf": BASE["module_inf"]}  # main process only
+                   "odd_module_tau": "odd_module_inf", "subset_tau": "subset_inf", "cfg_joint_tau": "cfg_joint_inf"}
+CALIBRATION = {"cfg_lean_inf": BASE["lean_inf"], "odd_module_inf": BASE["module_inf"],  # main process only
+               # Both CFG branches in one pass, checked on the guided prediction over a token subset.
+               "cfg_joint_inf": BASE["subset_inf"].replace(cfg_branches="joint", signal="prediction")}
 SPECA = [*BASE, *CALIBRATED_FROM]
 
 
@@ -48,7 +50,7 @@ ALL = ["plain", *SPECA, "odd", "five"]
 # Ulysses degrees divide the 6 heads; 3 ranks: 320 tokens padded.
 LAYOUTS = {2: [(2, 1), (1, 2)], 3: [(3, 1), (1, 3)], 4: [(2, 2), (1, 4)]}
 FULL_SCENARIOS = {(2, 1), (1, 2), (2, 2)}  # the others run a subset, to keep the file fast
-SUBSET = ["plain", "module_tau", "cfg_lean_tau", "subset_tau", "odd", "five"]  # subset_tau: padded on 3 ranks
+SUBSET = ["plain", "module_tau", "cfg_lean_tau", "subset_tau", "cfg_joint_tau", "odd", "five"]  # padded on 3 ranks
 # Imported once by the launcher's forkserver, so each launch skips seconds of imports per rank.
 PRELOAD = ["pipeline.loading", "diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video",
            "diffusers.models.transformers.transformer_hunyuan_video",
@@ -69,6 +71,7 @@ def run_scenario(pipe, name: str, taus: dict, sp=None) -> dict:
         reducers = dict(error_reduce=sp.error_reduce, token_layout=lambda: sp.layout) if sp is not None else {}
         target = pipe.transformer if name in ODD_LATENT else pipe
         session = apply_speca(target, speca_config(name, taus), **reducers)
+        session.set_guidance_scale(4.0 if name.startswith("cfg") else None)
     try:
         if name in ODD_LATENT:
             if session is not None:

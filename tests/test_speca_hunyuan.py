@@ -51,14 +51,22 @@ def forced(monkeypatch):
     return Forcing
 
 
-@pytest.mark.parametrize("cache,checks", [("lean", {}), ("module", {}), ("lean", {"verify_tokens": 0.25})])
+JOINT = {"cfg_branches": "joint", "signal": "prediction"}  # every CFG branch in one pass, checked on the prediction
+
+
+@pytest.mark.parametrize("cache,checks", [("lean", {}), ("module", {}), ("lean", {"verify_tokens": 0.25}),
+                                          ("lean", {"verify_tokens": 0.25, **JOINT})])
 @pytest.mark.parametrize("cfg", [False, True])
 def test_threshold_zero_reproduces_uncached(tiny_pipe, cache, checks, cfg):
+    """Within 1e-6 of the latents' scale; 1e-5 with joint CFG, which runs both branches as one batch, whose
+    matmuls round differently from two calls'."""
     base = run(tiny_pipe, [0, 1], cfg)
     session = apply_speca(tiny_pipe, SpeCaConfig(cache=cache, tau0=0.0, tau_min=0.0, min_spec=0, warmup_steps=1,
                                                  **checks))
+    session.set_guidance_scale(4.0 if cfg else None)
     out = run(tiny_pipe, [0, 1], cfg)
-    assert (out - base).abs().max().item() <= 1e-6
+    tolerance = 1e-5 if cfg and checks.get("cfg_branches") == "joint" else 1e-6
+    assert (out - base).abs().max().item() <= tolerance * base.abs().max().item()
     assert [s.step_pattern for s in session.stats()] == ["F" + "R" * (STEPS - 1)] * 2
 
 
@@ -367,3 +375,86 @@ def test_token_subset_check_is_refused_where_it_cannot_run(tiny_pipe):
         SpeCaConfig(verify_tokens=0.5, cache="module")
     with pytest.raises(ValueError, match="SpeCaConfig.verify_tokens=0"):
         SpeCaConfig(verify_tokens=0.0)
+
+
+def _joint_errors(pipe, scale, **config) -> list[list[float]]:
+    session = apply_speca(pipe, SpeCaConfig(tau0=math.inf, tau_min=math.inf, warmup_steps=2, max_spec=3, **config))
+    session.set_guidance_scale(scale)
+    try:
+        run(pipe, [0, 1], cfg=True)
+        return [s.errors for s in session.stats()]
+    finally:
+        disable_speca(pipe)
+
+
+def test_joint_cfg_checks_the_guided_prediction(tiny_pipe):
+    """Every draft accepted, so the trajectory is the same whatever is checked. At CFG scale 1 the guided
+    prediction is the cond branch's, so joint CFG reads what the leader's own check reads; at 0, the
+    uncond branch's, which the leader never checks; at the run's scale, the draft errors both branches
+    make are amplified, not averaged."""
+    leader = _joint_errors(tiny_pipe, None, signal="prediction")
+    cond = _joint_errors(tiny_pipe, 1.0, **JOINT)
+    uncond = _joint_errors(tiny_pipe, 0.0, **JOINT)
+    guided = _joint_errors(tiny_pipe, 4.0, **JOINT)
+    pooled = _joint_errors(tiny_pipe, None, **JOINT)
+    for lead, c, u, g, p in zip(leader, cond, uncond, guided, pooled):
+        assert len(lead) == len(c) > 0 and c == pytest.approx(lead, rel=1e-4)
+        assert all(abs(x - y) > 1e-3 * y for x, y in zip(u, lead))
+        assert all(min(x, y) < z < max(x, y) for x, y, z in zip(c, u, p))  # pooled: between the two
+        assert all(z > max(x, y) for x, y, z in zip(c, u, g))
+
+
+def test_joint_cfg_runs_each_step_once_and_shares_its_decision(tiny_pipe, forced):
+    """One transformer pass per step for both branches (the uncond call computes nothing), the
+    rolled-back sample's branches both recomputed, and each sample as alone."""
+    forced.batch = [0, 1]
+    forced.reject = {(1, 4)}
+    passes = []
+    session = apply_speca(tiny_pipe, SpeCaConfig(tau0=math.inf, tau_min=math.inf, warmup_steps=2, max_spec=8,
+                                                 **JOINT))
+    session.set_guidance_scale(4.0)
+    counter, step = step_counter(tiny_pipe.transformer, calls_per_step=2)
+    hook = tiny_pipe.transformer.transformer_blocks[0].ff.register_forward_hook(
+        lambda m, i, o: passes.append((step(), o.shape[0])))
+    try:
+        batch = run(tiny_pipe, [0, 1], cfg=True)
+        patterns = [s.step_pattern for s in session.stats()]
+        forced.batch = [1]
+        alone = run(tiny_pipe, [1], cfg=True)
+        assert session.stats()[0].step_pattern == patterns[1]
+    finally:
+        hook.remove()
+        counter.remove()
+    assert [p[4] for p in patterns] == ["S", "R"]
+    assert passes[:2] == [(0, 2), (0, 2)]  # step 0: no branch's arguments known yet, two calls
+    assert (1, 4) in passes and passes.count((4, 2)) == 1  # step 4: sample 1's cond and uncond rows, one pass
+    assert ((batch[1] - alone[0]).abs().max() / alone.abs().max()).item() <= 1e-5
+
+
+def test_joint_cfg_refuses_a_branch_with_other_inputs(tiny_pipe):
+    """The uncond call was run at the cond call, from the cond call's latent: another latent is refused."""
+    transformer = tiny_pipe.transformer
+    session = apply_speca(transformer, SpeCaConfig(warmup_steps=1, **JOINT))
+    session.begin(4)
+    embeds, pooled, mask = tiny_pipe.encode_prompt(prompt=PROMPTS[:1], prompt_template=TEMPLATE,
+                                                   max_sequence_length=16, device="cpu")
+    x = torch.randn(1, transformer.config.in_channels, 5, 8, 8, generator=torch.Generator().manual_seed(0))
+    args = dict(timestep=torch.tensor([900.0]), encoder_hidden_states=embeds, encoder_attention_mask=mask,
+                pooled_projections=pooled, guidance=torch.tensor([6000.0]), return_dict=False)
+    with torch.no_grad():
+        for i in range(2):
+            with transformer.cache_context("cond"):
+                transformer(hidden_states=x, **args)
+            with transformer.cache_context("uncond"):
+                if i == 1:
+                    with pytest.raises(RuntimeError, match="'uncond' call at step 1 got another 'hidden_states'"):
+                        transformer(hidden_states=x + 1, **args)
+                else:
+                    transformer(hidden_states=x, **args)
+
+
+def test_prediction_signal_needs_the_last_block(tiny_pipe):
+    with pytest.raises(ValueError, match="signal='prediction' needs the verified block to be the last one"):
+        apply_speca(tiny_pipe, SpeCaConfig(signal="prediction", verify_block=0))
+    with pytest.raises(ValueError, match="cfg_branches='both' is invalid"):
+        SpeCaConfig(cfg_branches="both")
