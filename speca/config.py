@@ -64,6 +64,9 @@ class SpeCaConfig:
             errors accepted since the last full step, plus this one, reach this sum; small errors
             that each pass add up along a run of drafts.
         warmup_steps: the first steps always run in full.
+        reject_hold: after a rejected draft, the sample runs this many more steps in full before it
+            drafts again: a sample whose drafts fail is one whose trajectory is bending, and the next
+            draft, from nodes that close together, is accepted by a check that underrates it.
         min_spec: the first `min_spec` speculative steps after a full step are accepted without the
             check (their errors are still recorded).
         max_spec: a full step is forced after `max_spec` speculative steps in a row.
@@ -84,6 +87,7 @@ class SpeCaConfig:
     verify_tokens: float = 1.0
     max_error_sum: float = math.inf
     warmup_steps: int = 3
+    reject_hold: int = 0
     min_spec: int = 0
     max_spec: int = 8
     final_full_steps: int = 0
@@ -119,7 +123,7 @@ class SpeCaConfig:
                 bad(name, v, "a number >= 0 (inf allowed)")
         if not isinstance(self.beta, (int, float)) or not 0 < self.beta < math.inf:
             bad("beta", self.beta, "a finite number > 0")
-        for name in ("warmup_steps", "min_spec", "final_full_steps"):
+        for name in ("warmup_steps", "reject_hold", "min_spec", "final_full_steps"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
                 bad(name, v, "an integer >= 0")

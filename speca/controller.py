@@ -1,8 +1,8 @@
 """The accept/reject rule and per-sample step accounting (model-agnostic).
 
 For each sample independently, at every step:
-  * `F` full step: warm-up, final steps, no full step yet, or `max_spec` speculative steps in a
-    row already;
+  * `F` full step: warm-up, final steps, no full step yet, `max_spec` speculative steps in a
+    row already, or within `reject_hold` steps after a rejected draft;
   * otherwise speculate: draft every feature, recompute one block on the drafted input, and
     accept (`S`) when the error is below the threshold and the run's accumulated error stays
     under `max_error_sum` (or the run is still within `min_spec`);
@@ -89,6 +89,7 @@ class StepController:
         self.last_full = [-1] * batch_size
         self.run = [0] * batch_size
         self.run_error = [0.0] * batch_size  # errors accepted since the last full step
+        self.hold_until = [-1] * batch_size  # full steps up to this one (after a rejected draft)
         self.records = [SampleRecord() for _ in range(batch_size)]
         self.decisions: dict[int, tuple[list[bool], list[bool]]] = {}  # step -> (speculate, accepted)
 
@@ -96,7 +97,7 @@ class StepController:
         """Which samples speculate at `step` (False = full step)."""
         c = self.config
         forced = step < c.warmup_steps or step >= self.num_steps - c.final_full_steps
-        return [not forced and self.last_full[b] >= 0 and self.run[b] < c.max_spec
+        return [not forced and self.last_full[b] >= 0 and self.run[b] < c.max_spec and step > self.hold_until[b]
                 for b in range(len(self.run))]
 
     def decide(self, step: int, speculate: list[bool], errors: dict[int, float]) -> list[bool]:
@@ -122,6 +123,8 @@ class StepController:
                 self.run_error[b] += errors[b]
             else:
                 self.records[b].pattern.append(REJECTED if spec else FULL)
+                if spec:
+                    self.hold_until[b] = step + self.config.reject_hold
                 self.run[b] = 0
                 self.run_error[b] = 0.0
                 self.last_full[b] = step

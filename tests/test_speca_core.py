@@ -70,6 +70,16 @@ def test_controller_schedule_rules():
     assert taus == sorted(taus, reverse=True) and all(0.1 <= t < 0.5 for t in taus)  # decaying, above the floor
 
 
+def test_reject_hold_keeps_a_failing_sample_full():
+    """After a rejected draft a sample runs `reject_hold` more steps in full; one whose drafts pass is untouched."""
+    cfg = SpeCaConfig(warmup_steps=2, max_spec=3, tau0=0.5, beta=1.0, reject_hold=2)
+    c = StepController(cfg, batch_size=2, num_steps=12)
+    for step in range(12):
+        spec = c.plan(step)
+        c.decide(step, spec, {b: (0.0 if b == 0 or step > 6 else 10.0) for b in range(2) if spec[b]})
+    assert [r.step_pattern for r in c.records] == ["FFSSSFSSSFSS", "FFRFFRFFSSSF"]
+
+
 def test_threshold_decays_geometrically_to_its_floor():
     cfg = SpeCaConfig(tau0=0.8, beta=0.25, tau_min=0.0)
     assert cfg.threshold(0, 10) == 0.8 and cfg.threshold(10, 10) == pytest.approx(0.2)  # tau0, then tau0 * beta
