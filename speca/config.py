@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, replace
 CACHE_MODES = ("module", "lean")
 METRICS = ("rel_l1", "rel_l2", "rel_l1_elementwise")
 SIGNALS = ("output", "delta", "prediction")
-CFG_BRANCHES = ("leader", "joint")
+CFG_BRANCHES = ("leader", "pooled", "guided")
 
 
 @dataclass(frozen=True)
@@ -41,12 +41,12 @@ class SpeCaConfig:
             error understates it several times over (the verified block must be the last one).
         cfg_branches: how classifier-free guidance run as separate calls (cache contexts "cond" and
             "uncond") is checked. `"leader"`: the first context to reach a step decides for the
-            sample from its own check and the others follow unchecked. `"joint"`: the first
-            context's call also runs the others' (their text arguments with its latent, in one batch)
-            and one check sees every branch: the guided prediction when the session knows the CFG
-            scale (`SpeCaSession.set_guidance_scale`), else the branches' errors pooled. True CFG
-            amplifies the branches' draft errors by the scale, so the guided error is the one that
-            moves the trajectory.
+            sample from its own check and the others follow unchecked. Otherwise the first context's
+            call also runs the others' (their text arguments with its latent, in one batch) and one
+            check sees every branch: `"pooled"`, the branches' errors pooled (partial sums added);
+            `"guided"`, the error of the guided prediction `uncond + scale * (cond - uncond)` (the
+            session must know the scale: `SpeCaSession.set_guidance_scale`). True CFG amplifies the
+            branches' draft errors, and the unconditional branch's drafts are the worse ones early.
         verify_first: also run the first block for real on the real input (the latent this step
             actually starts from) and check its drafted output there; the sample's error is the
             larger of the two checks. The last-block check alone compares drafts with drafts, so a

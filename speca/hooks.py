@@ -177,9 +177,8 @@ class SpeCaSession:
 
     def set_guidance_scale(self, scale: float | None) -> None:
         """The true-CFG scale of the generations to come (the pipeline does not tell its transformer).
-        With `cfg_branches="joint"` and "cond" / "uncond" contexts, checks then measure the guided
-        prediction `uncond + scale * (cond - uncond)`, the one the sampler steps with; None: each
-        branch's error, pooled."""
+        With `cfg_branches="guided"` checks measure the guided prediction `uncond + scale * (cond -
+        uncond)`, the one the sampler steps with; None: no true CFG."""
         self.guidance_scale = None if scale is None else float(scale)
 
     def num_steps(self, context) -> int:
@@ -252,13 +251,16 @@ def _sample_partials(session: SpeCaSession, checks: list[tuple[torch.Tensor, tor
     """Per-sample error partials (S, 2 per check) of a draft pass whose rows belong to `row_samples`.
 
     A sample's rows (a concatenated CFG batch, or joint CFG's cond and uncond rows) share one error:
-    of the guided prediction when the session knows the CFG scale and the rows are the "cond" and
-    "uncond" contexts' (what the sampler steps with), otherwise their partials summed.
+    of the guided prediction (`cfg_branches="guided"`, rows of the "cond" and "uncond" contexts),
+    otherwise their partials summed.
     """
     samples = sorted(set(row_samples))
     rows = {(c, s): i for i, (c, s) in enumerate(zip(row_contexts, row_samples))}
-    guided = session.guidance_scale is not None and all(("cond", s) in rows and ("uncond", s) in rows
-                                                         for s in samples)
+    guided = session.config.cfg_branches == "guided" and all(("cond", s) in rows and ("uncond", s) in rows
+                                                             for s in samples)
+    if guided and session.guidance_scale is None:
+        raise RuntimeError("SpeCa cfg_branches='guided' needs the CFG scale: call session.set_guidance_scale(scale) "
+                           "before generating (the batch job's engine does)")
     out = []
     for drafted, real in checks:
         if guided:
@@ -293,7 +295,7 @@ def _check_same(args: dict, expected: dict, context: str, step: int) -> None:
         same = (torch.equal(got, value) if isinstance(value, torch.Tensor) and isinstance(got, torch.Tensor)
                 else got is value or (not isinstance(got, torch.Tensor) and got == value))
         if not same:
-            raise RuntimeError(f"SpeCa cfg_branches='joint': the {context!r} call at step {step} got another "
+            raise RuntimeError(f"SpeCa joint CFG: the {context!r} call at step {step} got another "
                                f"{key!r} than its previous call and the leading context's call (the latent, timestep "
                                f"and guidance must be the leader's, the text arguments fixed); use cfg_branches='leader'")
 
@@ -356,7 +358,7 @@ class _SpeCaRootHook(ModelHook):
         # Joint CFG: the leading context's call runs every other context's too, in one batch, so one check
         # sees all of a sample's branches; the others' calls then get their rows.
         contexts = [(name, st, a)]
-        if leader and s.config.cfg_branches == "joint":
+        if leader and s.config.cfg_branches != "leader":
             contexts += [(other, s.states.state_of(other), {**a, **{k: v for k, v in fa.items()
                                                                       if k in s.family.branch_args}})
                          for other, fa in s.followers.items()]

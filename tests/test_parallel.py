@@ -35,7 +35,7 @@ CALIBRATED_FROM = {"lean_tau": "lean_inf", "module_tau": "module_inf", "cfg_lean
                    "odd_module_tau": "odd_module_inf", "subset_tau": "subset_inf", "cfg_joint_tau": "cfg_joint_inf"}
 CALIBRATION = {"cfg_lean_inf": BASE["lean_inf"], "odd_module_inf": BASE["module_inf"],  # main process only
                # Both CFG branches in one pass, checked on the guided prediction over a token subset.
-               "cfg_joint_inf": BASE["subset_inf"].replace(cfg_branches="joint", signal="prediction")}
+               "cfg_joint_inf": BASE["subset_inf"].replace(cfg_branches="guided", signal="prediction")}
 SPECA = [*BASE, *CALIBRATED_FROM]
 
 

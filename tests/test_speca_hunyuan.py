@@ -51,7 +51,7 @@ def forced(monkeypatch):
     return Forcing
 
 
-JOINT = {"cfg_branches": "joint", "signal": "prediction"}  # every CFG branch in one pass, checked on the prediction
+JOINT = {"cfg_branches": "guided", "signal": "prediction"}  # every CFG branch in one pass, the guided prediction
 
 
 @pytest.mark.parametrize("cache,checks", [("lean", {}), ("module", {}), ("lean", {"verify_tokens": 0.25}),
@@ -65,7 +65,7 @@ def test_threshold_zero_reproduces_uncached(tiny_pipe, cache, checks, cfg):
                                                  **checks))
     session.set_guidance_scale(4.0 if cfg else None)
     out = run(tiny_pipe, [0, 1], cfg)
-    tolerance = 1e-5 if cfg and checks.get("cfg_branches") == "joint" else 1e-6
+    tolerance = 1e-5 if cfg and checks.get("cfg_branches", "leader") != "leader" else 1e-6
     assert (out - base).abs().max().item() <= tolerance * base.abs().max().item()
     assert [s.step_pattern for s in session.stats()] == ["F" + "R" * (STEPS - 1)] * 2
 
@@ -396,7 +396,7 @@ def test_joint_cfg_checks_the_guided_prediction(tiny_pipe):
     cond = _joint_errors(tiny_pipe, 1.0, **JOINT)
     uncond = _joint_errors(tiny_pipe, 0.0, **JOINT)
     guided = _joint_errors(tiny_pipe, 4.0, **JOINT)
-    pooled = _joint_errors(tiny_pipe, None, **JOINT)
+    pooled = _joint_errors(tiny_pipe, 4.0, **{**JOINT, "cfg_branches": "pooled"})
     for lead, c, u, g, p in zip(leader, cond, uncond, guided, pooled):
         assert len(lead) == len(c) > 0 and c == pytest.approx(lead, rel=1e-4)
         assert all(abs(x - y) > 1e-3 * y for x, y in zip(u, lead))
@@ -434,7 +434,7 @@ def test_joint_cfg_runs_each_step_once_and_shares_its_decision(tiny_pipe, forced
 def test_joint_cfg_refuses_a_branch_with_other_inputs(tiny_pipe):
     """The uncond call was run at the cond call, from the cond call's latent: another latent is refused."""
     transformer = tiny_pipe.transformer
-    session = apply_speca(transformer, SpeCaConfig(warmup_steps=1, **JOINT))
+    session = apply_speca(transformer, SpeCaConfig(warmup_steps=1, cfg_branches="pooled"))
     session.begin(4)
     embeds, pooled, mask = tiny_pipe.encode_prompt(prompt=PROMPTS[:1], prompt_template=TEMPLATE,
                                                    max_sequence_length=16, device="cpu")
@@ -453,8 +453,11 @@ def test_joint_cfg_refuses_a_branch_with_other_inputs(tiny_pipe):
                     transformer(hidden_states=x, **args)
 
 
-def test_prediction_signal_needs_the_last_block(tiny_pipe):
+def test_check_options_are_refused_where_they_cannot_run(tiny_pipe):
     with pytest.raises(ValueError, match="signal='prediction' needs the verified block to be the last one"):
         apply_speca(tiny_pipe, SpeCaConfig(signal="prediction", verify_block=0))
     with pytest.raises(ValueError, match="cfg_branches='both' is invalid"):
         SpeCaConfig(cfg_branches="both")
+    apply_speca(tiny_pipe, SpeCaConfig(warmup_steps=1, **JOINT))  # and no set_guidance_scale
+    with pytest.raises(RuntimeError, match="cfg_branches='guided' needs the CFG scale"):
+        run(tiny_pipe, [0], cfg=True)
