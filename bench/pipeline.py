@@ -52,7 +52,7 @@ from pipeline.storage import Storage
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results" / "pipeline.md"
-READY_LINE = re.compile(r"\[jobs\.generate\] replica (\d+): ")  # printed once replica i has loaded its model
+READY_LINE = re.compile(r"\[jobs\.generate\] replica ([0-9a-f]+): ")  # printed once a replica has loaded its model
 START_LINE = re.compile(r"\[jobs\.generate\] manifest ")  # manifest found, Ray about to start
 BATCH_STAGES = ("text", "denoise", "decode")  # shared by the samples of a batch, under the denoise lock
 SAMPLE_STAGES = ("encode", "upload")  # per sample, on the replica's second thread
@@ -107,7 +107,7 @@ def run_job(manifest: Path, output: Path, replicas: int, batch_size: int, timeou
     cmd = [sys.executable, "-m", "jobs.generate", "--manifest", str(manifest), "--output", str(output),
            "--replicas", str(replicas), "--batch-size", str(batch_size)]
     log_path = output.parent / f"{output.name}.log"
-    ready: set[int] = set()  # replicas whose loaded line was seen
+    ready: set[str] = set()  # replicas whose loaded line was seen
     started = None
     launched = time.time()
     with open(log_path, "w") as log:
@@ -119,7 +119,7 @@ def run_job(manifest: Path, output: Path, replicas: int, batch_size: int, timeou
                 log.write(line)
                 m = READY_LINE.search(line)
                 if m:
-                    ready.add(int(m.group(1)))
+                    ready.add(m.group(1))
                 elif started is None and START_LINE.search(line):
                     started = now
                 if now - launched > timeout:

@@ -21,7 +21,8 @@ naming the field; the rest of the run goes on. Ids name one video: a row repeati
 row's id with the same content is the same sample (dropped); with other content it is rejected,
 naming the earlier row (the first row wins, since a stream cannot take back what it has let
 through). Rows already done in the output (see `pipeline.stats.done_ids`) are counted, not
-passed on.
+passed on. Rows are typed Arrow (FLOW_SCHEMA: the request and the stats as structs), turned back
+into `SampleRequest` / `SampleStats` where they are used.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import InvalidRequest, ModelLimits, SampleRequest
 from pipeline.loading import ModelInfo
-from pipeline.stats import done_ids
+from pipeline.stats import COMMIT_SCHEMA, done_ids
 from pipeline.storage import Storage
 
 KNOWN_COLUMNS = ("prompt", "id", "seed", "height", "width", "num_frames", "num_inference_steps", "guidance_scale",
@@ -47,13 +48,21 @@ _FLOAT_FIELDS = ("guidance_scale", "true_cfg_scale")
 ERRORS_SCHEMA = pa.schema([("row", pa.int64()), ("id", pa.string()), ("field", pa.string()),
                            ("error", pa.string()), ("row_json", pa.string())])
 
-# The rows that flow from validation through the replicas to the driver. kind: "todo" (to
-# generate), "rejected" (field, error, row_json), "resumed" (`count` rows already done); the
-# replicas turn "todo" into "ok" or "failed" (stats_json, commit, error).
-ROW_SCHEMA = pa.schema([("kind", pa.string()), ("row", pa.int64()), ("id", pa.string()), ("count", pa.int64()),
-                        ("request_json", pa.string()), ("extra_json", pa.string()), ("field", pa.string()),
-                        ("error", pa.string()), ("row_json", pa.string()), ("stats_json", pa.string()),
-                        ("commit", pa.string())])
+# A resolved `SampleRequest` as an Arrow struct (rows carry it typed, not as JSON).
+REQUEST_TYPE = pa.struct([("prompt", pa.string()), ("seed", pa.int64()), ("id", pa.string()),
+                          ("height", pa.int64()), ("width", pa.int64()), ("num_frames", pa.int64()),
+                          ("num_inference_steps", pa.int64()), ("guidance_scale", pa.float64()),
+                          ("true_cfg_scale", pa.float64()), ("negative_prompt", pa.string())])
+
+# The rows that flow from validation through the replicas to the driver. kind: "todo" (request,
+# extra_json: the manifest columns we do not interpret, stored as the stats row's extra_json),
+# "rejected" (field, error, row_json: the row as it was, for the user), "resumed" (`count` rows
+# already done); the replicas turn "todo" into "ok" or "failed" (stats: the commit record's row,
+# commit: the record's path, ready_at: when the replica could first take a batch).
+FLOW_SCHEMA = pa.schema([("kind", pa.string()), ("row", pa.int64()), ("id", pa.string()), ("count", pa.int64()),
+                         ("request", REQUEST_TYPE), ("extra_json", pa.string()), ("field", pa.string()),
+                         ("error", pa.string()), ("row_json", pa.string()), ("stats", pa.struct(list(COMMIT_SCHEMA))),
+                         ("commit", pa.string()), ("ready_at", pa.float64())])
 
 
 @dataclass
@@ -70,22 +79,6 @@ class RejectedRow:
     field: str
     error: str
     values: dict
-
-
-@dataclass
-class Manifest:
-    entries: list[ManifestEntry]
-    rejected: list[RejectedRow]
-    source: str
-
-    def errors_table(self) -> pa.Table:
-        return errors_table(self.rejected)
-
-
-def errors_table(rejected: list[RejectedRow]) -> pa.Table:
-    return pa.Table.from_pylist([
-        {"row": r.row, "id": r.id, "field": r.field, "error": r.error,
-         "row_json": json.dumps(r.values, default=str, sort_keys=True)} for r in rejected], schema=ERRORS_SCHEMA)
 
 
 @dataclass
@@ -161,9 +154,10 @@ class FirstRowWins:
     def __init__(self):
         self.first: dict[str, tuple[bytes, int]] = {}  # id -> (digest of the request, row)
 
-    def check(self, sample_id: str, request_json: str, row: int) -> str | None:
+    def check(self, request: dict, row: int) -> str | None:
         """None for a new id; "repeat" for the same content again; else the clash's error."""
-        digest = hashlib.blake2b(request_json.encode(), digest_size=16).digest()
+        sample_id = request["id"]
+        digest = hashlib.blake2b(json.dumps(request, sort_keys=True).encode(), digest_size=16).digest()
         seen = self.first.setdefault(sample_id, (digest, row))
         if seen[1] == row:
             return None
@@ -172,33 +166,15 @@ class FirstRowWins:
         return f"id={sample_id!r} is invalid: row {seen[1]} already uses it for different content"
 
 
-def _request_json(req: SampleRequest) -> str:
-    return json.dumps(asdict(req), sort_keys=True)
-
-
-def parse_rows(rows: list[dict], info: ModelInfo, limits: ModelLimits | None = None,
-               source: str = "<rows>") -> Manifest:
-    """Validate a list of manifest rows, as the streaming stages do (check_row, then FirstRowWins)."""
-    ids = FirstRowWins()
-    entries, rejected = [], []
-    for i, row in enumerate(rows):
-        got = check_row(row, i, info, limits or info.limits)
-        if isinstance(got, RejectedRow):
-            rejected.append(got)
-            continue
-        clash = ids.check(got.request.id, _request_json(got.request), i)
-        if clash is None:
-            entries.append(got)
-        elif clash != "repeat":
-            rejected.append(RejectedRow(i, got.request.id, "id", clash, row))
-    return Manifest(entries, rejected, source)
+def _rejected(row: int, sample_id: str | None, field: str, error: str, values: dict) -> dict:
+    return {"kind": "rejected", "row": row, "id": sample_id, "count": 1, "field": field, "error": error,
+            "row_json": json.dumps(values, default=str, sort_keys=True)}
 
 
 def _flow_row(got: ManifestEntry | RejectedRow) -> dict:
     if isinstance(got, RejectedRow):
-        return {"kind": "rejected", "row": got.row, "id": got.id, "count": 1, "field": got.field, "error": got.error,
-                "row_json": json.dumps(got.values, default=str, sort_keys=True)}
-    return {"kind": "todo", "row": got.row, "id": got.request.id, "count": 1, "request_json": _request_json(got.request),
+        return _rejected(got.row, got.id, got.field, got.error, got.values)
+    return {"kind": "todo", "row": got.row, "id": got.request.id, "count": 1, "request": asdict(got.request),
             "extra_json": json.dumps(got.extra, default=str, sort_keys=True)}
 
 
@@ -212,7 +188,7 @@ def read_and_check(units: dict, filesystem, info: ModelInfo, limits: ModelLimits
             for row in batch.to_pylist():
                 out.append(_flow_row(check_row(row, i, info, limits)))
                 i += 1
-            yield pa.Table.from_pylist(out, schema=ROW_SCHEMA)
+            yield pa.Table.from_pylist(out, schema=FLOW_SCHEMA)
 
 
 class ResolveStage:
@@ -223,65 +199,43 @@ class ResolveStage:
     after that point could slip through, to be overwritten by its later row.)
     """
 
-    def __init__(self, output: str, storage_options: dict | None, overwrite: bool, ledger=None, lead: int = 0):
+    def __init__(self, output: str, storage_options: dict | None, overwrite: bool):
         self.ids = FirstRowWins()
         self.done = set() if overwrite else done_ids(Storage(output, storage_options))
-        self.ledger, self.lead, self.emitted = ledger, lead, 0
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         out, resumed = [], 0
         for r in batch.to_pylist():
             if r["kind"] == "todo":
-                clash = self.ids.check(r["id"], r["request_json"], r["row"])
+                clash = self.ids.check(r["request"], r["row"])
                 if clash == "repeat":
                     continue
                 if clash is not None:
-                    values = json.loads(r["request_json"])
-                    r = {"kind": "rejected", "row": r["row"], "id": r["id"], "count": 1, "field": "id",
-                         "error": clash, "row_json": json.dumps({**values, **json.loads(r["extra_json"])},
-                                                                default=str, sort_keys=True)}
+                    r = _rejected(r["row"], r["id"], "id", clash, {**r["request"], **json.loads(r["extra_json"])})
                 elif r["id"] in self.done:
                     resumed += 1
                     continue
             out.append(r)
         if resumed:
             out.append({"kind": "resumed", "row": -1, "count": resumed})
-        self._keep_lead(sum(r["kind"] == "todo" for r in out))
-        return pa.Table.from_pylist(out, schema=ROW_SCHEMA)
-
-    def _keep_lead(self, todo: int) -> None:
-        """Stay at most `lead` samples ahead of the replicas.
-
-        Ray Data's backpressure counts bytes, and these rows are small: unchecked, this stage
-        would check the whole manifest at once, taking a core from the replicas (on 2 cores, 12
-        samples were committed in the 10 s after the first commit of a 10^6-row manifest, 80 by
-        the replaced design). The lead must exceed the rows of one output
-        block (see manifest_dataset), or the rows it waits on would never leave.
-        """
-        import time
-
-        import ray
-
-        self.emitted += todo
-        while self.ledger is not None and self.emitted - ray.get(self.ledger.started.remote()) > self.lead:
-            time.sleep(0.2)
+        return pa.Table.from_pylist(out, schema=FLOW_SCHEMA)
 
 
 def manifest_dataset(files: ManifestFiles, info: ModelInfo, limits: ModelLimits, output: str,
-                     storage_options: dict | None, overwrite: bool, ledger=None, lead: int = 8192,
-                     rows_per_batch: int = 1024):
-    """The manifest as a streaming Ray Data dataset of ROW_SCHEMA rows, in manifest order.
+                     storage_options: dict | None, overwrite: bool, rows_per_batch: int = 1024):
+    """The manifest as a streaming Ray Data dataset of FLOW_SCHEMA rows, in manifest order.
 
     The units are the files' row groups, listed from their footers in the driver (so every row
     knows its number). Not `read_parquet`: its listing task takes a CPU slot, which the
-    replicas' placement groups may all hold; these stages take none (num_cpus=0), being light.
+    replicas may all hold; these stages take none (num_cpus=0), being light. How far they run
+    ahead of the replicas is Ray Data's backpressure (see jobs/generate.py).
     """
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
-    # Rows flow on as 256 KiB blocks (some hundreds of rows, well under `lead`), not 128 MiB ones:
-    # a replica starts on the first rows of a 10^6-row row group at once.
+    # Rows flow on as 256 KiB blocks (some hundreds of rows), not 128 MiB ones: a replica starts
+    # on the first rows of a 10^6-row row group at once.
     ctx.target_max_block_size = 1 << 18
     units = ray.data.from_items(files.units, override_num_blocks=max(1, min(len(files.units), 1000)))
     checked = units.map_batches(
@@ -289,6 +243,5 @@ def manifest_dataset(files: ManifestFiles, info: ModelInfo, limits: ModelLimits,
         fn_kwargs={"filesystem": files.storage.fs, "info": info, "limits": limits, "rows_per_batch": rows_per_batch})
     return checked.map_batches(
         ResolveStage, batch_format="pyarrow", batch_size=rows_per_batch, compute=ray.data.ActorPoolStrategy(size=1),
-        num_cpus=0,
-        fn_constructor_kwargs={"output": output, "storage_options": storage_options, "overwrite": overwrite,
-                               "ledger": ledger, "lead": lead})
+        num_cpus=0, fn_constructor_kwargs={"output": output, "storage_options": storage_options,
+                                           "overwrite": overwrite})

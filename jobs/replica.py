@@ -1,24 +1,30 @@
-"""A generation replica: one model over K ranks that turns batches into committed samples.
+"""A generation replica: one model over K ranks, an actor of the job's Ray Data actor pool.
 
-Each replica is a `Replica` actor of the job's Ray Data `map_batches` stage (an actor pool of R).
-It holds one STRICT_PACK placement group of K bundles and the ranks running in it: an `Engine`
-(rank 0: denoises, decodes, writes) and K - 1 `RankWorker`s that denoise with it (sequence
-parallel; gloo on CPU, NCCL on GPUs). The driver creates the groups and starts the first ranks
-(so models load while Ray Data starts); each replica claims a group and its ranks through the
-job's `Ledger`, and replaces the ranks when they die. The replica actor itself holds no
-resources and imports no torch: it only dispatches and commits.
+`map_replicas` turns a dataset of FLOW_SCHEMA blocks into committed samples with
+`map_batches(Replica, compute=ActorPoolStrategy(min_size, max_size))`. Every replica actor gets a
+STRICT_PACK placement group of its own, made when Ray Data creates the actor (`ray_remote_args_fn`,
+as vLLM's Ray Data example and `ray.data.llm` do), and holds bundle 0 itself, so Ray Data sees
+one rank's CPUs and GPUs per replica and scales the pool from min to max as the cluster allows: a
+node that joins gets a replica, one that leaves has its replica restarted elsewhere. The actor is
+rank 0 (it encodes the prompts, denoises, decodes its share of the VAE tiles, writes the outputs)
+and starts the K - 1 `RankWorker`s in the other bundles; they share its fate (Ray kills actors
+whose owner dies).
 
-The engine runs two calls at a time. One lock serialises denoising, so while batch n+1
-denoises, batch n is MP4-encoded and uploaded on the other thread: the accelerator does not wait
-for storage. A call returns only once every sample of its batch is durably committed (videos,
-stats), and the replica then writes the batch's commit record; only then does the row go on to
-the driver, so it never counts a sample done too early.
+Ray's mechanisms do the recovery: Ray Data creates the actors with `max_restarts=-1` and
+`max_task_retries=-1`, so a replica whose process dies is restarted in its placement group (with
+new ranks) and its in-flight batches are retried. A replica ends its own process when a batch
+goes wrong in a way it cannot undo in-process: a rank died, the batch raised (the ranks may be
+stuck in a collective), or it held the replica past the batch time limit. What Ray does not give
+is an end: a batch that kills every replica it lands on would be retried for ever, and Ray's
+`max_task_retries` would fail the whole dataset (or, with `max_errored_blocks`, drop the batch
+without a trace). So each batch's attempts are counted on the output storage (`AttemptLog`,
+written before the work starts, so that a killed process still counts); past `max_attempts` the
+samples are committed as failed, naming the last attempt's error.
 
-Failures: the replica counts attempts per batch in the `Ledger`. A batch whose ranks die (a
-killed process, or the engine ending itself when a batch overruns the per-batch time limit) has
-its ranks restarted in the same placement group and is retried; a batch that raises is retried;
-after `max_attempts` its samples are recorded failed. A replica process that dies itself is
-restarted by Ray Data, which retries its calls.
+Two calls run at a time: one lock serialises the model (text, denoising, decode), so while batch
+n + 1 denoises, batch n is MP4-encoded and uploaded on the other thread. A call returns only
+once its batch's videos, stats files and commit record are written; only then do the rows go on
+to the driver, so it never counts a sample done too early.
 """
 
 from __future__ import annotations
@@ -27,301 +33,282 @@ import contextlib
 import hashlib
 import json
 import os
-import socket
 import sys
 import threading
 import time
 import traceback
-from dataclasses import asdict
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
 
 import pyarrow as pa
 import ray
 
 from pipeline.config import ModelConfig, SampleRequest
+from pipeline.parallel.config import ParallelConfig
 from pipeline.stats import SampleStats
 from pipeline.storage import Storage
-from pipeline.video_io import VideoEncoding
 from pipeline.writer import commit_path, write_commit, write_failure, write_sample
 
-from .manifest import ROW_SCHEMA
+from .manifest import FLOW_SCHEMA
 
 
-class Ledger:
-    """The job's shared memory (a plain actor): placement groups, attempts and errors per batch, events."""
+@dataclass(frozen=True)
+class ReplicaConfig:
+    """What every replica is built from; the driver validates it and records it in run.json.
 
-    def __init__(self, groups: list, ranks: list[tuple]):
-        self.groups, self.ranks = groups, ranks  # ranks[i]: (engine, peers) now running in groups[i]
-        self.claims: dict[int, tuple[str, object]] = {}  # group index -> (replica actor id, handle)
-        self.info: dict[int, dict] = {}
-        self.errors: dict[str, list[str]] = {}
-        self.attempts: dict[str, int] = {}
-        self.started_rows = 0  # samples whose first attempt has begun (ResolveStage keeps a bounded lead)
-        self.events: list[str] = []
+    Args:
+        model, speca, parallel: the generation engine's configs (`parallel.world_size` ranks = K).
+        rank_resources: one rank's Ray resources, one placement-group bundle ({"CPU": 1, "GPU": 1}).
+        output, storage_options: where samples are committed.
+        batch_size: samples with equal shape and steps denoised together (the engine's batching rule).
+        fps, crf: MP4 encoding (fps 0: the model's).
+        batch_time_limit: seconds a batch may hold its replica before the replica is restarted.
+        max_attempts: attempts at a batch before its samples are committed as failed.
+        run: this run's tag (its attempt records are apart from other runs').
+    """
 
-    def claim(self, actor_id: str, handle) -> tuple[int, object, tuple]:
-        """A placement group and its ranks for a replica: its own again after a restart, else a free one."""
-        for i, (owner, _) in self.claims.items():
-            if owner == actor_id:
-                return i, self.groups[i], self.ranks[i]
-        free = [i for i in range(len(self.groups)) if i not in self.claims]
-        if not free:  # a replica that died while starting is replaced by a new actor
-            free = [i for i, (_, h) in self.claims.items() if not _alive(h)]
-        if not free:
-            raise RuntimeError(f"all {len(self.groups)} placement groups are held by live replicas")
-        self.claims[free[0]] = (actor_id, handle)
-        return free[0], self.groups[free[0]], self.ranks[free[0]]
-
-    def set_ranks(self, index: int, ranks: tuple) -> None:
-        self.ranks[index] = ranks
-
-    def register(self, index: int, info: dict) -> None:
-        self.info[index] = info
-
-    def begin(self, batch_id: str, samples: int) -> tuple[int, list[str]]:
-        """Count one more attempt; an earlier attempt that left no error died with its ranks."""
-        n = self.attempts[batch_id] = self.attempts.get(batch_id, 0) + 1
-        if n == 1:
-            self.started_rows += samples
-        errors = self.errors.setdefault(batch_id, [])
-        if len(errors) < n - 1:
-            errors.append("replica died")
-        return n, list(errors)
-
-    def started(self) -> int:
-        return self.started_rows
-
-    def note(self, batch_id: str, error: str, event: str | None = None) -> None:
-        self.errors.setdefault(batch_id, []).append(error)
-        if event:
-            self.events.append(event)
-
-    def event(self, event: str) -> None:
-        self.events.append(event)
-
-    def placements(self) -> dict[int, dict]:
-        return dict(self.info)
-
-    def drain_events(self) -> list[str]:
-        events, self.events = self.events, []
-        return events
+    model: ModelConfig
+    speca: object  # speca.SpeCaConfig | None (speca is imported in the rank processes only)
+    parallel: ParallelConfig
+    rank_resources: dict
+    output: str
+    storage_options: dict | None
+    batch_size: int
+    fps: int
+    crf: int
+    batch_time_limit: float
+    max_attempts: int
+    run: str
 
 
-def _alive(handle) -> bool:
-    try:
-        ray.get(handle.__ray_ready__.remote(), timeout=10)
-        return True
-    except Exception:  # noqa: BLE001 - dead, or not answering
-        return False
+def map_replicas(ds, config: ReplicaConfig, replicas: tuple[int, int]):
+    """`ds` through an actor pool of `replicas` = (min, max) replicas; returns (dataset, placement groups made).
+
+    The one place that uses `ray_remote_args_fn` (deprecated in Ray 2.60, removal announced for
+    2.64; `ray.data.llm` builds its groups the same way): Ray Data calls it for every actor it
+    creates, so every replica, including one the pool adds when a node joins, gets its own group.
+    The driver removes the groups that are left when the run ends.
+
+    Where Ray falls short: Ray Data 2.60's HighMemoryIssueDetector also calls the function, at the
+    start and every 30 s, to read the memory request; each call would make a group that no replica
+    uses and that holds K GPUs until the run ends (it starved the job of CPUs on 2-core test runs).
+    The detector is turned off for the job (DataContext.issue_detectors_config); tests/test_job.py
+    checks that a run makes one group per replica.
+    """
+    import ray.data
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    groups = []
+
+    def own_group() -> dict:
+        group = placement_group([config.rank_resources] * config.parallel.world_size, strategy="STRICT_PACK")
+        groups.append(group)
+        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
+            group, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)}
+
+    resources = dict(config.rank_resources)
+    out = ds.map_batches(
+        Replica, batch_format="pyarrow", batch_size=config.batch_size, fn_constructor_kwargs={"config": config},
+        num_cpus=resources.pop("CPU", 0), num_gpus=resources.pop("GPU", 0), resources=resources or None,
+        compute=ray.data.ActorPoolStrategy(min_size=replicas[0], max_size=replicas[1],
+                                           max_concurrent_calls_per_actor=2, enable_true_multi_threading=True),
+        ray_remote_args_fn=own_group)
+    detectors = out.context.issue_detectors_config  # the context this dataset runs with
+    detectors.detectors = [d for d in detectors.detectors if d.__name__ != "HighMemoryIssueDetector"]
+    return out, groups
+
+
+def _load_rank(config: ReplicaConfig, rank: int, init_method: str):
+    # Imported here: torch and diffusers load in the rank processes only.
+    from pipeline.generate import Generator
+    from pipeline.parallel import init_distributed
+
+    if config.parallel.world_size > 1:
+        init_distributed(rank, config.parallel.world_size, init_method, device=config.model.resolve_device())
+    return Generator.load(config.model, config.speca, config.parallel)
 
 
 class RankWorker:
-    """Rank r > 0 of a sequence-parallel replica: denoises what rank 0 hands it, writes nothing."""
+    """Rank r > 0 of a replica: denoises its shard and decodes its VAE tiles in step with rank 0."""
 
-    def __init__(self, model: dict, speca: dict | None, parallel: dict, rank: int, init_method: str):
-        self.generator = _load_rank(model, speca, parallel, rank, init_method)
+    def __init__(self, config: ReplicaConfig, rank: int, init_method: str):
+        self.config = config
+        self.generator = _load_rank(config, rank, init_method)
 
-    def generate(self, requests: list[dict]) -> int:
-        self.generator.generate([SampleRequest(**r) for r in requests], batch_size=len(requests))
+    def generate(self, requests: list[SampleRequest]) -> int:
+        self.generator.generate(requests, batch_size=self.config.batch_size)
         return len(requests)
 
 
-def _load_rank(model: dict, speca: dict | None, parallel: dict, rank: int, init_method: str):
-    # Imported here: torch and diffusers load in the rank processes only, so a replica actor
-    # starts in a second and its ranks start loading sooner.
-    from pipeline.generate import Generator
-    from pipeline.parallel import ParallelConfig, create_groups, init_distributed
-    from speca import SpeCaConfig
+@dataclass
+class Attempts:
+    """One batch's attempts so far, as recorded on the output storage (see the module docstring)."""
 
-    pcfg = ParallelConfig(**parallel)
-    config = ModelConfig(**model)
-    if pcfg.world_size > 1:
-        init_distributed(rank, pcfg.world_size, init_method, device=config.resolve_device())
-        return Generator.load(config, SpeCaConfig(**speca) if speca else None, pcfg, create_groups(pcfg))
-    return Generator.load(config, SpeCaConfig(**speca) if speca else None)
+    number: int
+    errors: list[str]
 
 
-class Engine:
-    """Rank 0 of a replica: denoises with its peers, then encodes and writes each sample."""
+class AttemptLog:
+    """`commits/<batch>.<run>.attempts.json` on the output storage: attempts begun, errors seen.
 
-    def __init__(self, model: dict, speca: dict | None, parallel: dict, init_method: str, peers: list,
-                 output: str, storage_options: dict | None, fps: int, crf: int, ledger, time_limit: float):
-        self.peers = peers
-        self.generator = _load_rank(model, speca, parallel, 0, init_method)
-        self.storage = Storage(output, storage_options)
-        self.encoding = VideoEncoding(fps=fps or self.generator.model.info.defaults.fps, crf=crf)
-        self.ledger, self.time_limit = ledger, time_limit
-        self._denoise = threading.Lock()
+    Beside the batch's commit record (readers of commits/ take only .parquet), deleted once the
+    batch is committed; the run's tag keeps a crashed earlier run's count out.
+    """
 
-    def info(self) -> dict:
-        return {"pid": os.getpid(), "host": socket.gethostname(), "node_ip": _node_ip(),
-                "node_id": ray.get_runtime_context().get_node_id(), "device": self.generator.model.device,
-                "ranks": 1 + len(self.peers)}
+    def __init__(self, storage: Storage, run: str):
+        self.storage, self.run = storage, run
 
-    def run(self, batch: list[dict], batch_id: str, label: str) -> list[dict]:
-        """Generate and write a batch of {"request", "extra_json"}; returns the stats rows."""
-        requests = [SampleRequest(**item["request"]) for item in batch]
-        with self._denoise:  # the time limit starts once the batch holds the model
-            timer = self._deadline(batch_id, label, len(requests))
-            try:
-                peers = [w.generate.remote([item["request"] for item in batch]) for w in self.peers]
-                samples = self.generator.generate(requests, batch_size=len(requests))
-                ray.get(peers)
-            except BaseException:
-                timer.cancel()
-                raise
+    def _path(self, batch_id: str) -> str:
+        return f"{commit_path(batch_id).removesuffix('.parquet')}.{self.run}.attempts.json"
+
+    def _read(self, batch_id: str) -> Attempts:
         try:
-            committed = []
-            for item, sample in zip(batch, samples):
-                sample.stats.extra_json = item["extra_json"]
-                committed.append(write_sample(self.storage, sample, self.encoding))
-            return [asdict(s) for s in committed]
-        finally:
-            timer.cancel()
+            return Attempts(**json.loads(self.storage.read_bytes(self._path(batch_id))))
+        except FileNotFoundError:
+            return Attempts(0, [])
 
-    def _deadline(self, batch_id: str, label: str, n: int) -> threading.Timer:
-        """Past the time limit, record it and end this process: the replica restarts its ranks."""
-        def expire():
-            message = f"exceeded the batch time limit of {self.time_limit:g} s"
-            with contextlib.suppress(Exception):
-                ray.get(self.ledger.note.remote(batch_id, message, f"{label} {message} on a batch of {n} "
-                                                "sample(s); restarting its ranks"), timeout=10)
-            os._exit(1)
+    def begin(self, batch_id: str) -> Attempts:
+        """Count one more attempt; an earlier attempt that left no error died with its process."""
+        seen = self._read(batch_id)
+        errors = seen.errors + ["replica died"] * (seen.number - len(seen.errors))
+        now = Attempts(seen.number + 1, errors)
+        self.storage.write_bytes(self._path(batch_id), json.dumps(asdict(now)).encode())
+        return now
 
-        timer = threading.Timer(self.time_limit, expire)
-        timer.daemon = True
-        timer.start()
-        return timer
+    def fail(self, batch_id: str, error: str) -> None:
+        seen = self._read(batch_id)
+        self.storage.write_bytes(self._path(batch_id), json.dumps(
+            {"number": seen.number, "errors": seen.errors[:seen.number - 1] + [error]}).encode())
 
-
-@ray.remote(num_cpus=0)
-def _rendezvous() -> str:
-    from pipeline.parallel import free_port
-
-    return f"tcp://{_node_ip()}:{free_port()}"  # on the group's node; rank 0 binds it when the group forms
-
-
-def start_ranks(group, bundle: dict, engine_args: dict) -> tuple:
-    """Start a replica's K ranks in its placement group (without waiting for them to load)."""
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    def place(rank: int) -> dict:
-        return {"num_cpus": bundle.get("CPU", 1), "num_gpus": bundle.get("GPU", 0),
-                "scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank)}
-
-    a = engine_args
-    world = a["parallel"]["ulysses_degree"] * a["parallel"]["ring_degree"]
-    init_method = "" if world == 1 else ray.get(
-        _rendezvous.options(scheduling_strategy=place(0)["scheduling_strategy"]).remote())
-    peers = [ray.remote(RankWorker).options(max_restarts=0, **place(rank)).remote(
-        a["model"], a["speca"], a["parallel"], rank, init_method) for rank in range(1, world)]
-    engine = ray.remote(Engine).options(max_concurrency=2, max_restarts=0, **place(0)).remote(
-        init_method=init_method, peers=peers, **a)
-    return engine, peers
+    def end(self, batch_id: str) -> None:
+        self.storage.delete(self._path(batch_id), missing_ok=True)
 
 
 class Replica:
-    """The Ray Data UDF: ROW_SCHEMA batches in and out, generated on this replica's ranks."""
+    """The Ray Data UDF (rank 0 of a replica): FLOW_SCHEMA blocks in, their "todo" rows committed."""
 
-    def __init__(self, engine_args: dict, bundle: dict, ledger, max_attempts: int):
-        self.engine_args, self.bundle, self.ledger, self.max_attempts = engine_args, bundle, ledger, max_attempts
-        self.storage = Storage(engine_args["output"], engine_args["storage_options"])
-        self.model_name = engine_args["model"]["model"]
+    def __init__(self, config: ReplicaConfig):
+        from pipeline.generate import SampleOrigin
+        from pipeline.parallel import free_port
+        from pipeline.video_io import VideoEncoding
+        from ray.util import get_current_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self.config = config
         ctx = ray.get_runtime_context()
-        self.index, self.group, (self.engine, self.peers) = ray.get(
-            ledger.claim.remote(ctx.get_actor_id(), ctx.current_actor))
-        self.label = f"replica {self.index}"
-        self._lock = threading.Lock()
-        self.generation = 0
-        try:
-            info = ray.get(self.engine.info.remote())  # the driver started the ranks: wait for the model
-        except ray.exceptions.RayActorError:  # they died before this replica (re)started
-            info = self._start_ranks()
-        self._register(info)
-        print(f"[jobs.generate] {self.label}: {info['ranks']} rank(s) on node {info['node_ip']} "
-              f"({info['node_id'][:8]}), {info['device']}", file=sys.stderr, flush=True)
+        self.id = ctx.get_actor_id()[:12]  # kept across restarts, like the placement group
+        self.node_id = ctx.get_node_id()
+        self.storage = Storage(config.output, config.storage_options)
+        self.attempts = AttemptLog(self.storage, config.run)
+        group, world = get_current_placement_group(), config.parallel.world_size
+        init_method = f"tcp://{ray.util.get_node_ip_address()}:{free_port()}" if world > 1 else ""
+        resources = dict(config.rank_resources)
+        place = dict(num_cpus=resources.pop("CPU", 0), num_gpus=resources.pop("GPU", 0), resources=resources)
+        self.peers = [ray.remote(RankWorker).options(
+            max_restarts=0, scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=r),
+            **place).remote(config, r, init_method) for r in range(1, world)]
+        with self._guard(None, [p.__ray_ready__.remote() for p in self.peers], time_limit=None):
+            self.generator = _load_rank(config, 0, init_method)
+        self.origin = SampleOrigin(node_id=self.node_id, replica=self.id)
+        self.encoding = VideoEncoding(fps=config.fps or self.generator.model.info.defaults.fps, crf=config.crf)
+        self._model = threading.Lock()
+        self.ready_at = time.time()  # when it could take a batch (this machine's clock): run.json keeps it
+        restarted = " (restarted)" if ctx.was_current_actor_reconstructed else ""
+        print(f"[jobs.generate] replica {self.id}: {world} rank(s) on node {ray.util.get_node_ip_address()} "
+              f"({self.node_id[:8]}), {self.generator.model.device}{restarted}", file=sys.stderr, flush=True)
 
-    def _register(self, info: dict) -> None:
-        """Report where the ranks run and when they could take a batch (`ready_at`, this machine's clock).
+    def __del__(self):
+        """Ray Data let this replica go (the pool shrank, or the run ended): free its placement group."""
+        from ray.util import get_current_placement_group, remove_placement_group
 
-        run.json keeps it per replica; a benchmark cannot read it from the replica's log line, which Ray
-        forwards to the driver with a delay of its own.
-        """
-        ray.get(self.ledger.register.remote(self.index, {**info, "ready_at": time.time()}))
-
-    def _start_ranks(self) -> dict:
-        for actor in [self.engine, *self.peers]:
-            with contextlib.suppress(Exception):
-                ray.kill(actor, no_restart=True)
-        self.engine, self.peers = start_ranks(self.group, self.bundle, self.engine_args)
-        ray.get(self.ledger.set_ranks.remote(self.index, (self.engine, self.peers)))
-        return ray.get(self.engine.info.remote())
-
-    def _restart_ranks(self, generation: int) -> None:
-        """Replace ranks that died (once, however many calls saw them die)."""
-        with self._lock:
-            if generation != self.generation:
-                return
-            self._register(self._start_ranks())
-            self.generation += 1
+        with contextlib.suppress(Exception):
+            remove_placement_group(get_current_placement_group())
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        """Generate the "todo" rows (grouped by shape and steps), pass the others through."""
-        out, groups = [], {}
-        for row in batch.to_pylist():
-            if row["kind"] != "todo":
-                out.append(row)
-                continue
-            req = SampleRequest(**json.loads(row["request_json"]))
-            groups.setdefault(req.batch_key(), []).append((row, req))
-        for group in groups.values():
-            out += self._commit(group)
-        return pa.Table.from_pylist(out, schema=ROW_SCHEMA)
+        """Generate and commit the "todo" rows; the others pass through to the driver."""
+        rows = batch.to_pylist()
+        todo = [r for r in rows if r["kind"] == "todo"]
+        out = [r for r in rows if r["kind"] != "todo"]
+        if todo:
+            out += self._commit(todo)
+        return pa.Table.from_pylist(out, schema=FLOW_SCHEMA)
 
-    def _commit(self, group: list[tuple[dict, SampleRequest]]) -> list[dict]:
-        batch_id = hashlib.sha256("\n".join(sorted(r.id for _, r in group)).encode()).hexdigest()[:32]
-        items = [{"request": json.loads(row["request_json"]), "extra_json": row["extra_json"]} for row, _ in group]
-        while True:
-            attempt, errors = ray.get(self.ledger.begin.remote(batch_id, len(group)))
-            if attempt > self.max_attempts:
-                error = f"failed {attempt - 1} attempt(s); last: {errors[-1]}"
-                stats = [failure_stats(req, error, self.model_name, json.loads(row["extra_json"]))
-                         for row, req in group]
-                for s in stats:
-                    write_failure(self.storage, s)
-                return _done_rows(group, write_commit(self.storage, batch_id, stats), "failed", batch_id)
-            generation = self.generation
-            try:
-                rows = ray.get(self.engine.run.remote(items, batch_id, self.label))
-            except ray.exceptions.RayActorError:
-                ray.get(self.ledger.event.remote(f"{self.label} died; restarting its ranks and retrying "
-                                                 f"{len(items)} sample(s)"))
-                self._restart_ranks(generation)
-                continue
-            except ray.exceptions.RayTaskError as e:
-                cause = e.cause if e.cause is not None else e
-                ray.get(self.ledger.note.remote(batch_id, "".join(traceback.format_exception_only(cause)).strip()))
-                continue
-            stats = [SampleStats(**r) for r in rows]
-            return _done_rows(group, write_commit(self.storage, batch_id, stats), "ok", batch_id)
+    def _commit(self, todo: list[dict]) -> list[dict]:
+        batch_id = hashlib.sha256("\n".join(sorted(r["id"] for r in todo)).encode()).hexdigest()[:32]
+        requests = [SampleRequest(**r["request"]) for r in todo]
+        attempt = self.attempts.begin(batch_id)
+        if attempt.number > self.config.max_attempts:
+            error = f"failed {attempt.number - 1} attempt(s); last: {attempt.errors[-1]}"
+            stats = [SampleStats.of(r, status="failed", error=error, model=self.config.model.model,
+                                    extra_json=row["extra_json"], node_id=self.node_id, replica=self.id,
+                                    attempt=attempt.number - 1) for r, row in zip(requests, todo)]
+            for s in stats:
+                write_failure(self.storage, s)
+            return self._done(todo, batch_id, stats, "failed")
+        label = f"batch {batch_id[:8]} ({len(todo)} sample(s), attempt {attempt.number})"
+        try:
+            with self._model:  # text, denoising and decode: one batch at a time on the ranks
+                peers = [p.generate.remote(requests) for p in self.peers]
+                with self._guard(batch_id, peers, self.config.batch_time_limit):
+                    samples = self.generator.generate(requests, batch_size=self.config.batch_size,
+                                                      extra_json=[r["extra_json"] for r in todo],
+                                                      origin=replace(self.origin, attempt=attempt.number))
+                    ray.get(peers)
+            stats = [write_sample(self.storage, s, self.encoding) for s in samples]
+        except Exception as e:  # noqa: BLE001 - anything; Ray retries the batch on a fresh process
+            self._die(batch_id, "".join(traceback.format_exception_only(e)).strip(), label)
+            raise  # not reached: _die ends the process
+        return self._done(todo, batch_id, stats, "ok")
 
+    def _done(self, todo: list[dict], batch_id: str, stats: list[SampleStats], kind: str) -> list[dict]:
+        committed = write_commit(self.storage, batch_id, stats)
+        self.attempts.end(batch_id)
+        return [{**row, "kind": kind, "request": None, "stats": record, "error": record["error"],
+                 "commit": commit_path(batch_id), "ready_at": self.ready_at} for row, record in zip(todo, committed)]
 
-def _done_rows(group, committed: list[dict], kind: str, batch_id: str) -> list[dict]:
-    return [{**row, "kind": kind, "request_json": None, "stats_json": json.dumps(stats, default=str),
-             "error": stats["error"], "commit": commit_path(batch_id)} for (row, _), stats in zip(group, committed)]
+    def _die(self, batch_id: str | None, error: str, label: str) -> None:
+        """Record why, then end this process: Ray restarts the replica (new ranks) and retries its batches."""
+        if batch_id is not None:
+            with contextlib.suppress(Exception):
+                self.attempts.fail(batch_id, error)
+        print(f"[jobs.generate] replica {self.id}: {label}: {error}; restarting the replica", file=sys.stderr,
+              flush=True)
+        os._exit(1)
 
+    @contextlib.contextmanager
+    def _guard(self, batch_id: str | None, peers: list, time_limit: float | None) -> Iterator[None]:
+        """While the block runs: a rank that dies, or the time limit passing, ends this process (`_die`).
 
-def _node_ip() -> str:
-    try:
-        return ray.util.get_node_ip_address()
-    except Exception:  # noqa: BLE001 - outside Ray
-        return "127.0.0.1"
+        Rank 0 cannot see a dead peer from inside a collective (gloo may wait, NCCL does), so a
+        thread watches the peers' calls and the clock.
+        """
+        done = threading.Event()
+        end = None if time_limit is None else time.monotonic() + time_limit
+        label = "starting" if batch_id is None else f"batch {batch_id[:8]}"
 
+        def watch() -> None:
+            pending = list(peers)
+            while not done.is_set():
+                left = None if end is None else end - time.monotonic()
+                if left is not None and left <= 0:
+                    self._die(batch_id, f"exceeded the batch time limit of {time_limit:g} s", label)
+                wait = 1.0 if left is None else min(left, 1.0)
+                if not pending:
+                    done.wait(wait)
+                    continue
+                ready, pending = ray.wait(pending, num_returns=1, timeout=wait)
+                for ref in ready:
+                    try:
+                        ray.get(ref)
+                    except Exception as e:  # noqa: BLE001 - a rank died or raised: the group is unusable
+                        cause = getattr(e, "cause", None) or e
+                        self._die(batch_id, "a rank failed: " + "".join(traceback.format_exception_only(cause)).strip(),
+                                  label)
 
-def failure_stats(request: SampleRequest, error: BaseException | str, model: str, extra: dict) -> SampleStats:
-    """The stats row of a sample that failed on every attempt."""
-    message = error if isinstance(error, str) else "".join(traceback.format_exception_only(error)).strip()
-    return SampleStats(
-        id=request.id, prompt=request.prompt, seed=request.seed, height=request.height, width=request.width,
-        num_frames=request.num_frames, num_inference_steps=request.num_inference_steps,
-        guidance_scale=float(request.guidance_scale), true_cfg_scale=float(request.true_cfg_scale),
-        status="failed", error=message, model=model, extra_json=json.dumps(extra, default=str, sort_keys=True))
+        thread = threading.Thread(target=watch, daemon=True, name=f"guard {label}")
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()

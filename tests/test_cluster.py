@@ -30,16 +30,25 @@ def test_rayjob_entrypoint_parses_and_fits_the_gpus():
     per_node = {_gpus_per_node(g) for g in groups}
     total = sum(_gpus_per_node(g) * g["replicas"] for g in groups)
     assert all(n % args.ranks_per_replica == 0 for n in per_node)  # a replica fits one node
-    assert args.replicas * args.ranks_per_replica * args.gpus_per_rank == total
+    assert args.replicas[1] * args.ranks_per_replica * args.gpus_per_rank == total
     assert yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]["HF_HUB_OFFLINE"] == "1"
 
 
-def test_raycluster_gpu_groups_match_ray_start_params():
-    cluster = yaml.safe_load((CLUSTER / "raycluster.yaml").read_text())
-    assert cluster["kind"] == "RayCluster"
-    for g in cluster["spec"]["workerGroupSpecs"]:
+def test_raycluster_autoscales_and_its_elastic_submit_fits_min_and_max_nodes():
+    text = (CLUSTER / "raycluster.yaml").read_text()
+    cluster = yaml.safe_load(text)
+    assert cluster["kind"] == "RayCluster" and cluster["spec"]["enableInTreeAutoscaling"] is True
+    groups = cluster["spec"]["workerGroupSpecs"]
+    for g in groups:
         assert int(g["rayStartParams"]["num-gpus"]) == _gpus_per_node(g)
     assert cluster["spec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    [submit] = [line.split(" -- ", 1)[1] for line in text.splitlines() if line.startswith("#   ray job submit")]
+    args = build_parser().parse_args(_entry_args(submit))
+    low, high = args.replicas
+    per_node = {_gpus_per_node(g) // (args.ranks_per_replica * int(args.gpus_per_rank)) for g in groups}
+    assert per_node == {8 // args.ranks_per_replica}  # a replica fits one node
+    assert low == min(per_node) * sum(g["minReplicas"] for g in groups)
+    assert high == min(per_node) * sum(g["maxReplicas"] for g in groups)
 
 
 def test_ray_up_config_and_its_submit_command():
@@ -51,7 +60,9 @@ def test_ray_up_config_and_its_submit_command():
     submit = " ".join(comment[1:])
     args = build_parser().parse_args(_entry_args(submit.split(" -- ", 1)[1]))
     assert 8 % args.ranks_per_replica == 0
-    assert args.replicas * args.ranks_per_replica <= sum(t["min_workers"] * 8 for t in gpu_nodes)
+    low, high = args.replicas
+    assert low * args.ranks_per_replica <= sum(t["min_workers"] * 8 for t in gpu_nodes)
+    assert high * args.ranks_per_replica == sum(t["max_workers"] * 8 for t in gpu_nodes)
 
 
 def test_runtime_env_is_offline():
@@ -59,7 +70,7 @@ def test_runtime_env_is_offline():
     assert env["env_vars"]["HF_HUB_OFFLINE"] == "1" and "HF_HOME" in env["env_vars"]
 
 
-@pytest.mark.parametrize("bad", [["--replicas", "x"], ["--no-such-flag"]])
+@pytest.mark.parametrize("bad", [["--replicas", "x"], ["--replicas", "3-2"], ["--replicas", "0"], ["--no-such-flag"]])
 def test_parser_rejects_what_the_configs_must_not_contain(bad):
     with pytest.raises(SystemExit):
         build_parser().parse_args(bad)

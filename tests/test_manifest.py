@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.manifest import ROW_SCHEMA, ResolveStage, manifest_files, parse_rows, read_and_check
+from jobs.manifest import FLOW_SCHEMA, ResolveStage, manifest_files, read_and_check
 from pipeline.config import InvalidRequest, with_token_budget
 from pipeline.loading import read_model_info
 from pipeline.storage import Storage
@@ -16,15 +16,39 @@ LIMITS = with_token_budget(INFO.limits, INFO.defaults)
 P = "a red circle moving quickly left on a blue background"
 
 
+def _stream(files, output, overwrite=False, rows_per_batch=2, limits=LIMITS):
+    """The two streaming stages of jobs.manifest, called as Ray Data calls them (without Ray)."""
+    stage = ResolveStage(output, None, overwrite)
+    out = []
+    for unit in files.units:
+        units = {k: [v] for k, v in unit.items()}
+        for batch in read_and_check(units, files.storage.fs, INFO, limits, rows_per_batch):
+            assert batch.schema == FLOW_SCHEMA
+            out += stage(batch).to_pylist()
+    return out
+
+
+def check(rows: list[dict], limits=LIMITS) -> tuple[list[dict], list[dict]]:
+    """Rows through both stages from a Parquet file in memory: (requests to generate, rejected rows)."""
+    import uuid
+
+    keys = list(dict.fromkeys(["prompt", *(k for r in rows for k in r)]))  # a file without it is refused whole
+    storage = Storage(f"memory://manifests-{uuid.uuid4().hex}")
+    storage.write_parquet("m.parquet", pa.table({k: [r.get(k) for r in rows] for k in keys}))
+    flow = _stream(manifest_files(storage.url_for("m.parquet")), f"memory://out-{uuid.uuid4().hex}", limits=limits)
+    return ([{**r["request"], "extra": json.loads(r["extra_json"])} for r in flow if r["kind"] == "todo"],
+            [r for r in flow if r["kind"] == "rejected"])
+
+
 def test_rows_resolve_defaults_ids_and_carry_extra_columns():
-    m = parse_rows([{"prompt": P, "seed": 3, "team": "vision"}, {"prompt": P, "seed": 4, "num_inference_steps": 8}],
-                   INFO)
-    assert not m.rejected and len(m.entries) == 2
-    a, b = m.entries
-    assert (a.request.height, a.request.num_frames, a.request.num_inference_steps) == (32, 17, 50)
-    assert b.request.num_inference_steps == 8 and a.request.id != b.request.id
-    assert a.extra == {"team": "vision"} and b.extra == {}
-    assert parse_rows([{"prompt": P, "seed": 3}], INFO).entries[0].request.id == a.request.id  # stable
+    todo, rejected = check([{"prompt": P, "seed": 3, "team": "vision"},
+                            {"prompt": P, "seed": 4, "num_inference_steps": 8}])
+    assert not rejected and len(todo) == 2
+    a, b = todo
+    assert (a["height"], a["num_frames"], a["num_inference_steps"]) == (32, 17, 50)
+    assert b["num_inference_steps"] == 8 and a["id"] != b["id"]
+    assert a["extra"] == {"team": "vision"} and b["extra"] == {"team": None}  # a null cell: carried as null
+    assert check([{"prompt": P, "seed": 3}])[0][0]["id"] == a["id"]  # stable
 
 
 @pytest.mark.parametrize("row,field", [
@@ -39,12 +63,12 @@ def test_rows_resolve_defaults_ids_and_carry_extra_columns():
     ({"prompt": 7}, "prompt"),
 ])
 def test_bad_rows_are_rejected_with_the_field(row, field):
-    m = parse_rows([{"prompt": P}, row], INFO)
-    assert len(m.entries) == 1 and len(m.rejected) == 1
-    r = m.rejected[0]
-    assert (r.row, r.field) == (1, field) and field in r.error
-    table = m.errors_table()
-    assert table.num_rows == 1 and table.column("field")[0].as_py() == field
+    # One row per file: a column of mixed types would not be Parquet (check_row sees each cell as written).
+    todo, _ = check([{"prompt": P}])
+    assert len(todo) == 1
+    todo, [r] = check([row])
+    assert not todo and (r["row"], r["field"]) == (0, field) and field in r["error"]
+    assert {k: v for k, v in json.loads(r["row_json"]).items() if v is not None} == row  # as written
 
 
 @pytest.mark.parametrize("row,field,hint", [
@@ -56,45 +80,32 @@ def test_bad_rows_are_rejected_with_the_field(row, field):
     ({"prompt": P, "num_inference_steps": 10**6}, "num_inference_steps", "<= 1000"),
 ])
 def test_rows_that_could_only_fail_late_are_rejected(row, field, hint):
-    m = parse_rows([{"prompt": P, "id": "ok-1.a_b"}, row], INFO, LIMITS)
-    assert [e.request.id for e in m.entries] == ["ok-1.a_b"]
-    [r] = m.rejected
-    assert (r.row, r.field) == (1, field) and hint in r.error
+    todo, [r] = check([{"prompt": P, "id": "ok-1.a_b"}, row])
+    assert [t["id"] for t in todo] == ["ok-1.a_b"]
+    assert (r["row"], r["field"]) == (1, field) and hint in r["error"]
 
 
 def test_token_budget_defaults_to_the_model_size_and_can_be_raised():
     d = INFO.defaults
     assert LIMITS.max_tokens == (d.height // 4) * (d.width // 4) * ((d.num_frames - 1) // 4 + 1) == 320
     big = {"prompt": P, "height": 64, "width": 64}  # 4x the default tokens
-    assert parse_rows([big], INFO, LIMITS).rejected[0].field == "height/width/num_frames"
+    assert check([big])[1][0]["field"] == "height/width/num_frames"
     raised = with_token_budget(INFO.limits, INFO.defaults, 4 * 320)
-    assert parse_rows([big], INFO, raised).entries[0].request.height == 64
-    assert parse_rows([big], INFO).entries  # no budget unless one is given
+    assert check([big], raised)[0][0]["height"] == 64
+    assert check([big], INFO.limits)[0]  # no budget unless one is given
     with pytest.raises(InvalidRequest, match="max_tokens"):
         with_token_budget(INFO.limits, INFO.defaults, 0)
 
 
 def test_duplicate_ids_first_row_wins():
-    same = parse_rows([{"prompt": P, "id": "x"}, {"prompt": P, "id": "x"}], INFO)
-    assert len(same.entries) == 1 and not same.rejected  # the same video twice: one sample
-    clash = parse_rows([{"prompt": P, "id": "x"}, {"prompt": P, "id": "x", "seed": 9}, {"prompt": P, "id": "y"}], INFO)
-    assert [e.request.id for e in clash.entries] == ["x", "y"] and clash.entries[0].request.seed == 0
-    assert [(r.row, r.field) for r in clash.rejected] == [(1, "id")] and "row 0" in clash.rejected[0].error
+    todo, rejected = check([{"prompt": P, "id": "x"}, {"prompt": P, "id": "x"}])
+    assert len(todo) == 1 and not rejected  # the same video twice: one sample
+    todo, rejected = check([{"prompt": P, "id": "x"}, {"prompt": P, "id": "x", "seed": 9}, {"prompt": P, "id": "y"}])
+    assert [t["id"] for t in todo] == ["x", "y"] and todo[0]["seed"] == 0
+    assert [(r["row"], r["field"]) for r in rejected] == [(1, "id")] and "row 0" in rejected[0]["error"]
     # Rows equal only after defaults are filled in are the same sample too.
-    filled = parse_rows([{"prompt": P, "id": "x"}, {"prompt": P, "id": "x", "num_inference_steps": 50}], INFO)
-    assert len(filled.entries) == 1 and not filled.rejected
-
-
-def _stream(files, output, overwrite=False, rows_per_batch=2):
-    """The two streaming stages of jobs.manifest, called as Ray Data calls them (without Ray)."""
-    stage = ResolveStage(output, None, overwrite)
-    out = []
-    for unit in files.units:
-        units = {k: [v] for k, v in unit.items()}
-        for batch in read_and_check(units, files.storage.fs, INFO, LIMITS, rows_per_batch):
-            assert batch.schema == ROW_SCHEMA
-            out += stage(batch).to_pylist()
-    return out
+    todo, rejected = check([{"prompt": P, "id": "x"}, {"prompt": P, "id": "x", "num_inference_steps": 50}])
+    assert len(todo) == 1 and not rejected
 
 
 def test_read_file_folder_and_prefix_in_stream_order(tmp_path):
@@ -110,7 +121,7 @@ def test_read_file_folder_and_prefix_in_stream_order(tmp_path):
     assert manifest_files(str(tmp_path / "m" / "part-")).units == folder.units
     rows = _stream(folder, str(tmp_path / "out"))
     assert [(r["kind"], r["row"]) for r in rows] == [("todo", 0), ("todo", 1), ("rejected", 2), ("todo", 3)]
-    assert [json.loads(r["request_json"])["seed"] for r in rows if r["kind"] == "todo"] == [1, 2, 3]
+    assert [r["request"]["seed"] for r in rows if r["kind"] == "todo"] == [1, 2, 3]
     assert json.loads(rows[3]["extra_json"]) == {"note": "x"} and rows[2]["field"] == "prompt"
     # Row 4 repeats row 0's content (seed 1): the same derived id, the same sample, dropped (above).
     with pytest.raises(FileNotFoundError, match="no Parquet manifest"):
@@ -127,7 +138,7 @@ def test_done_rows_are_counted_not_passed_on(tmp_path):
     first = _stream(files, str(tmp_path / "out"))
     done = next(r for r in first if r["kind"] == "todo")
     out = Storage(str(tmp_path / "out"))
-    req = json.loads(done["request_json"])
+    req = done["request"]
     stats = SampleStats(**{k: req[k] for k in ("id", "prompt", "seed", "height", "width", "num_frames",
                                                 "num_inference_steps", "guidance_scale", "true_cfg_scale")})
     out.write_bytes(video_path(stats.id), b"mp4")
