@@ -44,7 +44,7 @@ def test_writes_markdown_json_and_png(report):
 def test_reference_row_renders_as_the_baseline(report):
     _, md, _, rows = report
     assert rows["reference"]["kind"] == "reference" and rows["reference"]["full_steps"] is None
-    assert "| no cache | `reference` | 1.00x | 1.00x | 1.00x | inf | inf | inf | 1.000 | 1.000 | 0 |" in md
+    assert "| no cache | `reference` | 1.00x | 1.00x | 1.00x | inf | inf | inf | 0 | 1.000 | 1.000 | 0 |" in md
 
 
 def test_uncached_runs_reproduce_exactly_and_a_cached_run_does_not(tiny_model):
@@ -112,40 +112,42 @@ def test_mag_cache_calibrated_on_other_prompts(report):
 
 
 def test_goals_are_computed_from_the_rows(report):
+    """The goal lines against the issue's definitions, recomputed here from the rows: the default preset (when
+    above the floor) >= 1.25x every peer family's best row above the floor at both depths; the default above the
+    floor at >= 2.5x, with no structural failure and wall >= 80% of FLOPs; batch 8 and 1 alike."""
     _, md, _, rows = report
     ok = [r for r in rows.values() if r["error"] is None]
 
     def fit(r):
         return r["psnr"] >= 32.0 and min(r["psnr_all"]) >= 26.0
 
+    default, alone = rows["speca-default"], rows["speca-default-b1"]
     lines = md.splitlines()
     for n, (key, where) in enumerate([("flops_speedup", "at the model's depth"),
                                       ("flops_speedup_60", "projected to 60 blocks")]):
         def best(rs):
             return max((r[key] for r in rs if fit(r)), default=None)
 
-        speca = best([r for r in ok if r["kind"] == "speca"])
+        ours = default[key] if fit(default) else None
         beaten = []
+        goal = lines.index(next(ln for ln in lines if ln.startswith(f"Goal 1{'ab'[n]}, FLOPs {where}")))
         for family in ("fewer-steps", "magcache", "fastercache", "pab"):
             peer = best([r for r in ok if r["family"] == family])
-            table = lines.index(next(ln for ln in lines if ln.startswith(f"Goal 1{'ab'[n]}, FLOPs {where}")))
-            line = next(ln for ln in lines[table:] if ln.startswith(f"| {FAMILIES[family]} |"))
+            line = next(ln for ln in lines[goal:] if ln.startswith(f"| {FAMILIES[family]} |"))
             if peer is None:
                 assert "no row above the floor" in line
-                beaten.append(speca is not None)
+                beaten.append(ours is not None)
             else:
                 assert f"| {peer:.2f}x (" in line
-                assert (f"| {speca / peer:.2f} |" if speca else "| n/a |") in line
-                beaten.append(speca is not None and speca / peer >= 1.25)
-        goal = next(ln for ln in lines if ln.startswith(f"Goal 1{'ab'[n]}, FLOPs"))
-        assert ("**met**" if speca is not None and all(beaten) else "**NOT met**") in goal
-        if speca is not None:
-            assert f"SpeCa's best: {speca:.2f}x" in goal
+                assert (f"| {ours / peer:.2f} |" if ours else "| n/a |") in line
+                beaten.append(ours is not None and ours / peer >= 1.25)
+        assert ("**met**" if ours is not None and all(beaten) else "**NOT met**") in lines[goal]
+        assert (f"The default: {ours:.2f}x" if ours else "The default: not above the floor") in lines[goal]
 
-    default, alone = rows["speca-default"], rows["speca-default-b1"]
     goal2 = next(ln for ln in lines if ln.startswith("Goal 2, the default preset"))
-    met = not default["failures"] and default["wall_speedup"] / default["flops_speedup"] >= 0.8
-    assert ("**met**" if met else "**NOT met**") in goal2 and f"({len(default['failures'])} failures;" in goal2
+    met = (fit(default) and default["flops_speedup"] >= 2.5 and not default["failures"]
+           and default["wall_speedup"] / default["flops_speedup"] >= 0.8)
+    assert ("**met**" if met else "**NOT met**") in goal2 and f"{len(default['failures'])} failures;" in goal2
     goal3 = next(ln for ln in lines if ln.startswith("Goal 3, batch 8 and batch 1"))
     same = sum(a == b for a, b in zip(default["patterns"], alone["patterns"]))
     assert same == PROMPTS  # the equivalence itself (tests/test_speca_* check it numerically too)
@@ -249,3 +251,38 @@ def test_render_rewrites_the_report_from_its_json(report, tmp_path):
     assert ("Written after the run." in again) == ("## Analysis" in md)
     assert [ln for ln in again.splitlines() if ln.startswith("| ")] == [ln for ln in md.splitlines()
                                                                         if ln.startswith("| ")]
+
+
+def test_a_turned_verdict_fails_only_where_the_uncached_clip_was_clear():
+    """The structural-failure rule on rendered world v2 clips: a duplicated object turns the count wrong on a clip
+    whose uncached count was clear (a failure, whatever its PSNR); the same turn on a clip whose uncached count was
+    on its threshold (a duplicate in 8 of 17 frames, one more frame turns it) is the scorer's noise, counted apart;
+    a right verdict turning right, or a wrong one staying wrong, is no failure."""
+    import dataclasses
+
+    import numpy as np
+
+    from pipeline.quality import psnr
+    from pipeline.tiny import scorer_v2, world_v2
+
+    scene = world_v2.sample_scene(5, objects=[{"color": "red", "shape": "circle", "motion": "right",
+                                               "pace": "quickly"}], background="black")
+    o = dataclasses.replace(scene.objects[0], radius=5.0)
+    scene = dataclasses.replace(scene, objects=(o,))
+    clean = world_v2.render(scene)
+    doubled = world_v2.render(dataclasses.replace(scene, objects=(o, dataclasses.replace(
+        o, start=(o.start[0], o.start[1] - 13)))))
+    on_threshold = np.concatenate([doubled[:8], clean[8:]])  # count right, a frame from turning
+    turned = np.concatenate([doubled[:9], clean[9:]])
+    uncached = [clean, on_threshold, clean, clean]
+    cached = [doubled, turned, clean, clean]
+    ref_verdicts = [scorer_v2.score(f, scene.prompt) for f in uncached]
+    assert all(v["count"] for v in ref_verdicts)
+    # PSNRs given, so that the verdicts alone decide the first three; the last clip fails on PSNR alone.
+    failures, near = caching.structural_failures(
+        [f"clip {i}" for i in range(4)], [40.0, 40.0, 40.0, caching_report.FAILURE_PSNR_DB - 1],
+        [scorer_v2.score(f, scene.prompt) for f in cached], ref_verdicts,
+        [scorer_v2.clear(f, scene.prompt) for f in uncached])
+    assert [(f["prompt"], f["flipped"]) for f in failures] == [("clip 0", ["count"]), ("clip 3", [])]
+    assert near == 1
+    assert psnr(doubled, clean) < caching_report.FAILURE_PSNR_DB < psnr(turned, on_threshold)  # as generated

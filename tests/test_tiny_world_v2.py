@@ -2,6 +2,7 @@
 the failures caching causes (a duplicated object, a wrong shape, motion gone wrong)."""
 
 import collections
+import dataclasses
 
 import numpy as np
 import pytest
@@ -141,3 +142,34 @@ def test_rebound_prompt_hands_each_objects_shape_and_motion_to_the_next():
     # Nothing to rebind in a scene of one object.
     one = _scene(ask[:1], background="green")
     assert world_v2.rebound_prompt(one) == one.prompt
+
+
+def test_rendered_clips_are_clear_of_every_threshold_by_the_stated_margins():
+    """What the caching benchmark's failure rule reads: on rendered clips (no model noise) every verdict is right
+    and its deciding measure clear of its threshold by the scorer's stated margin."""
+    for scene in world_v2.eval_scenes(12):
+        frames = world_v2.render(scene)
+        assert all(scorer_v2.score(frames, scene.prompt).values())
+        assert all(scorer_v2.clear(frames, scene.prompt).values()), scorer_v2.verdict_gaps(frames, scene.prompt)
+
+
+def test_a_clip_made_to_sit_on_a_threshold_has_a_gap_under_the_margin():
+    """A duplicate object in 8 or 9 of 17 frames turns the count either way (a frame decides); in every frame the
+    count is wrong and clearly so. An object moving exactly at the pace that splits "slowly" from "quickly" sits on
+    the motion threshold; at its asked pace it is clear."""
+    ask = {"color": "red", "shape": "circle", "motion": "right", "pace": "quickly"}
+    o = dataclasses.replace(_scene([ask]).objects[0], radius=5.0)  # small enough for a copy 13 px above it
+    scene = dataclasses.replace(_scene([ask]), objects=(o,))
+    frames = world_v2.render(scene)
+    copy = dataclasses.replace(o, start=(o.start[0], o.start[1] - 13))
+    doubled = world_v2.render(dataclasses.replace(scene, objects=(o, copy)))
+    assert not scorer_v2.score(doubled, scene.prompt)["count"]
+    assert scorer_v2.clear(doubled, scene.prompt)["count"]
+    for frames_with_copy, count_right in ((8, True), (9, False)):
+        clip = np.concatenate([doubled[:frames_with_copy], frames[frames_with_copy:]])
+        assert scorer_v2.score(clip, scene.prompt)["count"] == count_right
+        assert scorer_v2.verdict_gaps(clip, scene.prompt)["count"] < scorer_v2.MARGINS["count"]
+    split = (world_v2.SPEEDS["slowly"][1] + world_v2.SPEEDS["quickly"][0]) / 2
+    on_split = world_v2.render(dataclasses.replace(scene, objects=(dataclasses.replace(o, speed=split),)))
+    assert scorer_v2.verdict_gaps(on_split, scene.prompt)["motion"] < scorer_v2.MARGINS["motion"]
+    assert scorer_v2.clear(frames, scene.prompt)["motion"]

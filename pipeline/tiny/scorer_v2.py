@@ -28,14 +28,23 @@ MIN_PIECE = 5  # pixels; anti-aliased edges between two colours can label a few 
 _STILL_PX_PER_FRAME = 0.12
 _SS = 4  # supersampling of the ideal shapes
 _PACE_SPLIT = (SPEEDS["slowly"][1] + SPEEDS["quickly"][0]) / 2  # px per frame at 32 px
+# The scorer's stated margins, in each deciding measure's unit (`verdict_gaps`): at least the largest shift of the
+# measure between an uncached clip of the bundled model and the same clip with 45-36 plain steps still >= 32 dB from
+# it, over 16 calibration prompts (`python -m bench.scorer_margins`, bench/results/scorer_margins_v2.md: count and
+# colour 0.176, i.e. 3 of 17 frames; shape 0.033; motion 0.045; background 0.003), rounded up.
+MARGINS = {"count": 0.2, "color": 0.2, "shape": 0.04, "motion": 0.05, "background": 0.01}
 
 
 @dataclass(frozen=True)
 class ObjectEstimate:
+    """One object's verdicts, and how far each deciding measure is from the threshold that would change it."""
+
     color: str
     shape: str
     motion: str
     pace: str | None
+    shape_gap: float = math.inf  # mean IoU of the best-fitting shape minus the runner-up's
+    motion_gap: float = math.inf  # px per frame (at 32 px) to the nearest motion threshold: still, axis, pace
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,8 @@ class SceneEstimate:
     background: str
     count: int
     objects: dict[str, ObjectEstimate]  # by colour; colours with more than one piece hold their largest
+    pieces_gap: float = math.inf  # share of frames that would have to change for any colour's piece count to change
+    background_gap: float = math.inf  # border share of the background colour minus the runner-up colour's
 
 
 def _labels(x: np.ndarray) -> np.ndarray:
@@ -60,10 +71,11 @@ def _ideal(shape: str, area: float, cx: float, cy: float, h: int, w: int) -> np.
     return cover.reshape(h, _SS, w, _SS).mean(axis=(1, 3)) >= 0.5
 
 
-def _shape(masks: list[np.ndarray]) -> str:
-    """The shape whose ideal outline overlaps the unhidden frames' masks best (intersection over union)."""
+def _shape(masks: list[np.ndarray]) -> tuple[str, float]:
+    """The shape whose ideal outline overlaps the unhidden frames' masks best (intersection over union), and
+    its mean IoU's lead over the runner-up."""
     if not masks:
-        return "none"
+        return "none", math.inf
     h, w = masks[0].shape
     fit = dict.fromkeys(SHAPES, 0.0)
     for m in masks:
@@ -71,7 +83,16 @@ def _shape(masks: list[np.ndarray]) -> str:
         for shape in SHAPES:
             ideal = _ideal(shape, float(m.sum()), xs.mean() + 0.5, ys.mean() + 0.5, h, w)
             fit[shape] += (ideal & m).sum() / max((ideal | m).sum(), 1)
-    return max(fit, key=fit.get)
+    best, runner_up = sorted(fit.values(), reverse=True)[:2]
+    return max(fit, key=fit.get), float(best - runner_up) / len(masks)
+
+
+def _median_gap(counts: list[int]) -> float:
+    """How far a colour's per-frame piece counts are from changing their `int(median)` m: the smaller share
+    of frames at or above m / at or below m, less one half (0: a frame more on either side changes it)."""
+    c = np.asarray(counts)
+    m = int(np.median(c))
+    return float(min((c >= m).mean(), (c <= m).mean()) - 0.5)
 
 
 def estimate(frames: np.ndarray) -> SceneEstimate:
@@ -83,9 +104,11 @@ def estimate(frames: np.ndarray) -> SceneEstimate:
     t, h, w, _ = x.shape
     labels = _labels(x)
     border = np.concatenate([labels[:, 0], labels[:, -1], labels[:, :, 0], labels[:, :, -1]], axis=1).ravel()
-    bg = int(np.bincount(border[border >= 0], minlength=len(_NAMES)).argmax())
+    votes = np.bincount(border[border >= 0], minlength=len(_NAMES))
+    bg = int(votes.argmax())
+    background_gap = float(np.diff(np.sort(votes)[-2:])[0] / max(votes.sum(), 1))
     scale = min(h, w) / 32
-    count, objects = 0, {}
+    count, objects, pieces_gap = 0, {}, math.inf
     for c in range(len(_NAMES)):
         if c == bg:
             continue
@@ -102,6 +125,7 @@ def estimate(frames: np.ndarray) -> SceneEstimate:
                 touched.append(touching)
             largest.append(piece)
         pieces = int(np.median(pieces_per_frame))
+        pieces_gap = min(pieces_gap, _median_gap(pieces_per_frame))
         if pieces == 0:
             continue
         count += pieces
@@ -115,20 +139,46 @@ def estimate(frames: np.ndarray) -> SceneEstimate:
         frame_ids = np.asarray([f for f, _ in seen])
         q = max(1, len(seen) // 4)
         (dx, dy), span = centroids[-q:].mean(0) - centroids[:q].mean(0), frame_ids[-q:].mean() - frame_ids[:q].mean()
-        per_frame = np.hypot(dx, dy) / max(span, 1.0) / scale * (max(t - 1, 1) / 16)
+        to_pace = 1.0 / max(span, 1.0) / scale * (max(t - 1, 1) / 16)  # px between first and last frames -> pace
+        per_frame = np.hypot(dx, dy) * to_pace
+        gaps = [abs(per_frame - _STILL_PX_PER_FRAME)]
         if per_frame < _STILL_PX_PER_FRAME:
             motion, pace = "still", None
         else:
             motion = ("right" if dx > 0 else "left") if abs(dx) >= abs(dy) else ("down" if dy > 0 else "up")
             pace = "quickly" if per_frame > _PACE_SPLIT else "slowly"
-        objects[_NAMES[c]] = ObjectEstimate(_NAMES[c], _shape(whole), motion, pace)
-    return SceneEstimate(_NAMES[bg], count, objects)
+            gaps += [abs(abs(dx) - abs(dy)) * to_pace, abs(per_frame - _PACE_SPLIT)]  # axis, pace
+        shape, shape_gap = _shape(whole)
+        objects[_NAMES[c]] = ObjectEstimate(_NAMES[c], shape, motion, pace, shape_gap, float(min(gaps)))
+    return SceneEstimate(_NAMES[bg], count, objects, pieces_gap, background_gap)
 
 
 def score(frames: np.ndarray, prompt: str) -> dict[str, bool]:
     """Per-attribute correctness of one clip against its prompt (every object must be right)."""
-    want, background = parse_prompt(prompt)
+    return _score(estimate(frames), prompt)
+
+
+def verdict_gaps(frames: np.ndarray, prompt: str) -> dict[str, float]:
+    """Per attribute, how far the clip's deciding measure is from the threshold that would turn its verdict,
+    in that measure's unit (count, colour: share of frames; shape: mean IoU; motion: px per frame at 32 px;
+    background: share of the border), the closest object's for a scene. An attribute is `clear` when its gap
+    is at least the scorer's stated margin for it (`MARGINS`)."""
+    want, _ = parse_prompt(prompt)
     got = estimate(frames)
+    found = [g for g in (got.objects.get(o.color) for o in want) if g is not None]
+    return {"count": got.pieces_gap, "color": got.pieces_gap,
+            "shape": min((g.shape_gap for g in found), default=math.inf),
+            "motion": min((g.motion_gap for g in found), default=math.inf),
+            "background": got.background_gap}
+
+
+def clear(frames: np.ndarray, prompt: str) -> dict[str, bool]:
+    """Per attribute: is the verdict clear of its threshold by the scorer's stated margin (`MARGINS`)?"""
+    return {a: gap >= MARGINS[a] for a, gap in verdict_gaps(frames, prompt).items()}
+
+
+def _score(got: SceneEstimate, prompt: str) -> dict[str, bool]:
+    want, background = parse_prompt(prompt)
     found = [got.objects.get(o.color) for o in want]
     return {
         "count": got.count == len(want),
