@@ -21,10 +21,11 @@ without a trace). So each batch's attempts are counted on the output storage (`A
 written before the work starts, so that a killed process still counts); past `max_attempts` the
 samples are committed as failed, naming the last attempt's error.
 
-Two calls run at a time: one lock serialises the model (text, denoising, decode), so while batch
-n + 1 denoises, batch n is MP4-encoded and uploaded on the other thread. A call returns only
-once its batch's videos, stats files and commit record are written; only then do the rows go on
-to the driver, so it never counts a sample done too early.
+Two calls run at a time: one lock serialises the transformer (text and denoising), so while
+batch n + 1 denoises, batch n is decoded (a one-rank replica; with several ranks the decode's
+gather shares their process group, so it stays under the lock), MP4-encoded and uploaded on the
+other thread. A call returns only once its batch's videos, stats files and commit record are
+written; only then do the rows go on to the driver, so it never counts a sample done too early.
 """
 
 from __future__ import annotations
@@ -247,18 +248,24 @@ class Replica:
                 write_failure(self.storage, s)
             return self._done(todo, batch_id, stats, "failed")
         label = f"batch {batch_id[:8]} ({len(todo)} sample(s), attempt {attempt.number})"
-        try:
-            with self._model:  # text, denoising and decode: one batch at a time on the ranks
-                peers = [p.generate.remote(requests) for p in self.peers]
-                with self._guard(batch_id, peers, self.config.batch_time_limit):
-                    samples = self.generator.generate(requests, batch_size=self.config.batch_size,
-                                                      extra_json=[r["extra_json"] for r in todo],
-                                                      origin=replace(self.origin, attempt=attempt.number))
-                    ray.get(peers)
-            stats = [write_sample(self.storage, s, self.encoding) for s in samples]
-        except Exception as e:  # noqa: BLE001 - anything; Ray retries the batch on a fresh process
-            self._die(batch_id, "".join(traceback.format_exception_only(e)).strip(), label)
-            raise  # not reached: _die ends the process
+        generate = dict(batch_size=self.config.batch_size, extra_json=[r["extra_json"] for r in todo],
+                        origin=replace(self.origin, attempt=attempt.number))
+        with contextlib.ExitStack() as guarded:  # the time limit runs from taking the model to the commit
+            try:
+                with self._model:  # text and denoising (and, with several ranks, decode): a batch at a time
+                    peers = [p.generate.remote(requests) for p in self.peers]
+                    guarded.enter_context(self._guard(batch_id, peers, self.config.batch_time_limit))
+                    if self.peers:  # the decode's gather shares the process group with denoising: in turn
+                        samples = self.generator.generate(requests, **generate)
+                        ray.get(peers)
+                    else:
+                        denoised = self.generator.denoise(requests, **generate)
+                if not self.peers:  # one rank: decode while the next batch denoises
+                    samples = [s for batch in denoised for s in self.generator.finish(batch)]
+                stats = [write_sample(self.storage, s, self.encoding) for s in samples]
+            except Exception as e:  # noqa: BLE001 - anything; Ray retries the batch on a fresh process
+                self._die(batch_id, "".join(traceback.format_exception_only(e)).strip(), label)
+                raise  # not reached: _die ends the process
         return self._done(todo, batch_id, stats, "ok")
 
     def _done(self, todo: list[dict], batch_id: str, stats: list[SampleStats], kind: str) -> list[dict]:

@@ -41,6 +41,16 @@ class GeneratedSample:
     stats: SampleStats
 
 
+@dataclass
+class DenoisedBatch:
+    """A batch between `Generator.denoise` and `Generator.finish`: its latents and its stats so far."""
+
+    indices: list[int]  # positions in the requests given
+    requests: list[SampleRequest]
+    latents: torch.Tensor
+    fields: list[dict]  # per sample: the SampleStats fields the denoising knows (pattern, FLOPs, seconds, ...)
+
+
 @dataclass(frozen=True)
 class SampleOrigin:
     """Where samples are made, for their stats rows: the Ray job's replicas set it; empty elsewhere."""
@@ -112,13 +122,25 @@ class Generator:
 
         `extra_json[i]` (manifest columns we do not interpret) and `origin` go into the stats rows.
         """
+        out: dict[int, GeneratedSample] = {}
+        for batch in self._denoised(requests, batch_size, extra_json, origin):
+            out.update(zip(batch.indices, self.finish(batch)))
+        return [out[i] for i in range(len(out))]
+
+    def denoise(self, requests: list[SampleRequest], batch_size: int = 8, extra_json: list[str] | None = None,
+                origin: SampleOrigin = SampleOrigin()) -> list["DenoisedBatch"]:
+        """The first phase of `generate` (text and denoising: the transformer's part) for every batch.
+
+        `finish` decodes them; between the two the model is free for the next batch's denoising,
+        so a single-process replica decodes batch n while batch n + 1 denoises.
+        """
+        return list(self._denoised(requests, batch_size, extra_json, origin))
+
+    def _denoised(self, requests, batch_size, extra_json, origin) -> Iterator["DenoisedBatch"]:
         resolved = self.prepare(requests)
         extras = extra_json if extra_json is not None else ["{}"] * len(resolved)
-        out: dict[int, GeneratedSample] = {}
         for idx in _batches(resolved, batch_size):
-            batch = self._generate_batch([resolved[i] for i in idx], [extras[i] for i in idx], origin)
-            out.update(zip(idx, batch))
-        return [out[i] for i in range(len(resolved))]
+            yield self._denoise_batch(idx, [resolved[i] for i in idx], [extras[i] for i in idx], origin)
 
     def _encode_text(self, batch: list[SampleRequest]) -> dict:
         """The batch's prompt embeddings as `pipe()` keywords; encoded on rank 0, broadcast to the others."""
@@ -141,8 +163,8 @@ class Generator:
         return text
 
     @torch.no_grad()
-    def _generate_batch(self, batch: list[SampleRequest], extras: list[str],
-                        origin: SampleOrigin) -> list[GeneratedSample]:
+    def _denoise_batch(self, indices: list[int], batch: list[SampleRequest], extras: list[str],
+                       origin: SampleOrigin) -> "DenoisedBatch":
         pipe, info = self.model.pipe, self.model.info
         first = batch[0]
         device = self.model.device
@@ -164,16 +186,11 @@ class Generator:
             **({"prompt_template": template} if template is not None else {}),
         )[0]
         t2 = time.perf_counter()
-        frames, share = self.decode(latents)
-        t3 = time.perf_counter()
 
-        speca_stats = self.session.stats() if self.session is not None else None
+        speca_stats = self.session.stats() if self.session is not None else None  # this batch's, read now
         tokens = _tokens(info.transformer_config, latents.shape, text["prompt_embeds"].shape[1])
         full_flops = step_flops(info.transformer_config, tokens) * first.num_inference_steps * (2 if cfg else 1)
-        peak = (torch.cuda.max_memory_allocated(device) if device.startswith("cuda")
-                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-        config_json = json.dumps(self.config_record(), sort_keys=True)
-        results = []
+        fields = []
         for i, r in enumerate(batch):
             if speca_stats is not None:
                 st = speca_stats[i]
@@ -182,12 +199,27 @@ class Generator:
                               spec_thresholds=st.thresholds, flops_ratio=st.compute_ratio, cache_bytes=st.cache_bytes)
             else:
                 method = dict(step_pattern="F" * r.num_inference_steps, full_steps=r.num_inference_steps)
+            fields.append(dict(**method, flops=full_flops * method.get("flops_ratio", 1.0), batch_size=len(batch),
+                               seconds_text=t1 - t0, seconds_denoise=t2 - t1, node_id=origin.node_id,
+                               replica=origin.replica, attempt=origin.attempt, extra_json=extras[i]))
+        return DenoisedBatch(indices, batch, latents, fields)
+
+    @torch.no_grad()
+    def finish(self, batch: "DenoisedBatch") -> list[GeneratedSample]:
+        """The second phase: decode a denoised batch (tiles over the ranks) and build its stats rows."""
+        device = self.model.device
+        t0 = time.perf_counter()
+        frames, share = self.decode(batch.latents)
+        seconds = time.perf_counter() - t0
+        peak = (torch.cuda.max_memory_allocated(device) if device.startswith("cuda")
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        config_json = json.dumps(self.config_record(), sort_keys=True)
+        results = []
+        for i, (r, fields) in enumerate(zip(batch.requests, batch.fields)):
             s = SampleStats.of(
-                r, **method, flops=full_flops * method.get("flops_ratio", 1.0), batch_size=len(batch),
-                seconds_text=t1 - t0, seconds_denoise=t2 - t1, seconds_decode=t3 - t2, peak_memory_bytes=int(peak),
-                rank_decode_tiles=share.tiles, rank_seconds_decode=share.seconds,
-                rank_peak_memory_bytes=share.peak_memory_bytes, node_id=origin.node_id, replica=origin.replica,
-                attempt=origin.attempt, model=info.model, config_json=config_json, extra_json=extras[i])
+                r, **fields, seconds_decode=seconds, peak_memory_bytes=int(peak), rank_decode_tiles=share.tiles,
+                rank_seconds_decode=share.seconds, rank_peak_memory_bytes=share.peak_memory_bytes,
+                model=self.model.info.model, config_json=config_json)
             s.check()
             results.append(GeneratedSample(request=r, frames=None if frames is None else frames[i], stats=s))
         return results

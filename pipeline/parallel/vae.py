@@ -22,6 +22,7 @@ blending, as the one-process decode does; the other ranks hold only their own.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 
@@ -93,13 +94,13 @@ def parallel_decode(vae, z: torch.Tensor, group=None) -> tuple[torch.Tensor | No
     world = 1 if group is None else dist.get_world_size(group)
     t0 = time.perf_counter()
     if world == 1:
-        calls = []
-        handle = vae.decoder.register_forward_pre_hook(lambda *_: calls.append(1))
+        calls, me = [], threading.get_ident()  # this thread's calls: a replica may decode two batches at once
+        handle = vae.decoder.register_forward_pre_hook(lambda *_: calls.append(threading.get_ident() == me))
         try:
             video = vae.decode(z, return_dict=False)[0]
         finally:
             handle.remove()
-        return video, DecodeShare([len(calls)], [time.perf_counter() - t0], [_peak_memory(z.device)])
+        return video, DecodeShare([sum(calls)], [time.perf_counter() - t0], [_peak_memory(z.device)])
     rank = dist.get_rank(group)
     plan = _TileHook(vae)
     _with_hook(vae, plan, z)
