@@ -257,8 +257,9 @@ def render(report: dict) -> str:
         "Manifest of tiny-world prompts (2 steps, bundled model, SpeCa off, batch size 4), one Parquet file, "
         "`python -m jobs.generate` with a fresh local Ray; the job is stopped "
         f"{report['watch_seconds']:.0f} s after its first commit. \"old (measured)\": the replaced design's "
-        "source tree (`git archive b3ef5e8`, passed as --baseline) on the same manifests, right after the new one; \"old (issue 18)\": the figures quoted "
-        "in the issue (same machine type, 2 cores).",
+        f"source tree ({report.get('baseline_name', '`git archive b3ef5e8`')}, passed as --baseline) on the same "
+        "manifests, right after the new one; \"old (issue 18)\": the figures quoted in issue 18 (same machine "
+        "type, 2 cores).",
         "",
         "| design | rows | manifest MB | first commit s | driver peak MB | driver MB at first commit | "
         "samples committed when stopped |",
@@ -290,6 +291,10 @@ def render(report: dict) -> str:
         "linearly with the manifest. Now the driver holds no rows: reading and validation run in a Ray Data "
         "actor, and the driver keeps only counts, rejected rows and up to 10,000 index rows.",
         "",
+    ]
+    if not report["resume"]:
+        return "\n".join(lines)
+    lines += [
         "## Resume",
         "",
         "A finished run's objects (videos/, one stats file per sample, index/ parts of 10,000 rows); timed: "
@@ -329,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", default=None,
                         help="source tree of the replaced design (e.g. `git archive b3ef5e8 | tar -x -C DIR`): "
                              "its first commit and driver memory are measured too, side by side")
+    parser.add_argument("--baseline-name", default="`git archive b3ef5e8`",
+                        help="how the report names the --baseline tree")
     parser.add_argument("--note", default="", help="a line about the machine's other load, for the report")
     parser.add_argument("--render", default=None, metavar="JSON",
                         help="only rewrite the markdown from a JSON report this script wrote")
@@ -348,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     report = {"command": "python -m bench.scale " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": machine(), "note": args.note, "watch_seconds": args.watch, "old_design": OLD,
+              "baseline_name": args.baseline_name,
               "first_commit": [], "resume": []}
     try:
         trees = [(ROOT, "new")] + ([(Path(args.baseline).resolve(), "old")] if args.baseline else [])
