@@ -232,6 +232,16 @@ def test_hostile_rows_are_rejected_up_front_and_the_rest_finishes(local_ray, tmp
     assert took < 300  # nothing ran the hostile rows (one of them alone used to take over 10 minutes)
 
 
+def test_replicas_the_cluster_cannot_hold_fail_after_the_ready_timeout_naming_what_is_missing(local_ray, tmp_path,
+                                                                                             capfd):
+    out = tmp_path / "out"
+    manifest = _manifest(Storage(str(tmp_path / "in")), _rows(1))
+    code = main(["--manifest", manifest, "--output", str(out), "--gpus-per-rank", "1", "--ready-timeout", "3"])
+    err = capfd.readouterr().err
+    assert code == 2 and "no 1 replica(s) of 1 x {'CPU': 1.0, 'GPU': 1.0} on one node each were ready after 3 s" in err
+    assert not (out / "videos").exists() and not (out / "run.json").exists()
+
+
 def test_batch_over_the_time_limit_restarts_the_replica_then_is_recorded_failed(local_ray, tmp_path):
     out = tmp_path / "out"
     manifest = _manifest(Storage(str(tmp_path / "in")), _rows(1, steps=300))  # seconds on this model
