@@ -288,6 +288,12 @@ def _decide(session: SpeCaSession, step: int, speculate: list[bool], row_samples
     return session.controller.decide(step, speculate, dict(zip(samples, errors)))
 
 
+def _samples_per_call(rows: list[int], row_sample: list[int], batch: int) -> list[int]:
+    """Each sample once per context whose call `rows` cover: a concatenated CFG batch's rows of one sample
+    are one call's worth of compute for it, as each context's call counts one call in the total."""
+    return [b for _, b in sorted({(r // batch, row_sample[r]) for r in rows})]
+
+
 def _check_same(args: dict, expected: dict, context: str, step: int) -> None:
     """Joint CFG ran this call already at the leader's call: refuse if its arguments are not those it assumed."""
     for key, value in expected.items():
@@ -371,8 +377,7 @@ class _SpeCaRootHook(ModelHook):
         out = None
         if draft_rows:
             draft_out, checks, blocks = self._pass(module, joint, "draft", draft_rows, step, contexts, batch)
-            for r in draft_rows:
-                ctrl.count_blocks([row_sample[r]], blocks, 0)
+            ctrl.count_blocks(_samples_per_call(draft_rows, row_sample, batch), blocks, 0)
             if leader:
                 accepted = _decide(s, step, speculate, [row_sample[r] for r in draft_rows],
                                    [row_context[r] for r in draft_rows], checks)
@@ -385,8 +390,7 @@ class _SpeCaRootHook(ModelHook):
             full_out, _, blocks = self._pass(module, joint, "full", full_rows, step, contexts, batch)
             for _, state, _ in contexts:
                 state.forecaster.commit(step)
-            for r in full_rows:
-                ctrl.count_blocks([row_sample[r]], blocks, 0)
+            ctrl.count_blocks(_samples_per_call(full_rows, row_sample, batch), blocks, 0)
             if out is None:
                 out = full_out
             else:

@@ -120,18 +120,18 @@ class SpeCaFamilyTests:
 
     @pytest.mark.parametrize("cache", ["lean", "module"])
     def test_verification_measures_the_image_tokens(self, pipe, monkeypatch, cache):
-        measured = []  # [real tensor SpeCa measured, the verified block's image stream] per check
+        measured = []  # (real tensor SpeCa measured, the verified block's latest image stream) per check
+        streams = []
         original = speca.hooks.error_partials
 
         def spy(drafted, real, metric):
-            measured.append([real, None])
+            measured.append((real, streams[-1]))
             return original(drafted, real, metric)
 
         monkeypatch.setattr(speca.hooks, "error_partials", spy)
 
         def on_block(module, inputs, output):
-            if measured and measured[-1][1] is None:
-                measured[-1][1] = self.image_stream(output)
+            streams.append(self.image_stream(output))
 
         session = apply_speca(pipe, SpeCaConfig(cache=cache, tau0=INF, tau_min=INF, warmup_steps=2, max_spec=8))
         handle = self.verified_block(pipe.transformer).register_forward_hook(on_block)
