@@ -92,7 +92,13 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class GenerationDefaults:
-    """Per-model defaults, read from the model folder's generation_config.json when present."""
+    """Per-model defaults: the family's (`pipeline.families`, from the model's configs), overridden by the
+    model folder's generation_config.json when present. The class defaults are HunyuanVideo 1.0's.
+
+    HunyuanVideo 1.5 only: `text_crop_start` (chat-template tokens cropped, 108), `glyph_max_length`
+    (ByT5 tokens, 256) and `image_tokens` (zeroed image embeds, 729); None: the pipeline's own.
+    `flow_shift`: the scheduler's shift (5 at 480p, 9 at 720p on 1.5; recorded, set by the scheduler config).
+    """
 
     height: int = 720
     width: int = 1280
@@ -105,6 +111,10 @@ class GenerationDefaults:
     prompt_template: dict | None = None  # None: the pipeline's own (the real model's) template
     fps: int = 24
     vae_framewise: bool = True
+    flow_shift: float | None = None
+    text_crop_start: int | None = None
+    glyph_max_length: int | None = None
+    image_tokens: int | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> "GenerationDefaults":
@@ -122,6 +132,7 @@ class ModelLimits:
     patch: int
     max_tokens: int | None = None  # latent tokens per sample; None: no budget (see `with_token_budget`)
     max_steps: int = MAX_STEPS
+    embedded_guidance: bool = True  # False (HunyuanVideo 1.5): guidance_scale must be 1, CFG is true_cfg_scale
 
     def tokens(self, height: int, width: int, num_frames: int) -> int:
         """Latent tokens the transformer attends over for one sample of this size."""
@@ -208,6 +219,9 @@ class SampleRequest:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise InvalidRequest(name, v, "must be a finite number >= 0")
+        if not limits.embedded_guidance and self.guidance_scale != 1:
+            raise InvalidRequest("guidance_scale", self.guidance_scale, "must be 1: this model has no embedded "
+                                                                        "guidance; its CFG scale is true_cfg_scale")
         if not isinstance(self.negative_prompt, str):
             raise InvalidRequest("negative_prompt", self.negative_prompt, "must be a string (may be empty)")
 

@@ -25,7 +25,6 @@ import numpy as np
 import torch
 
 from speca import SpeCaConfig, apply_speca, disable_speca
-from speca.hunyuan_video import step_flops, video_tokens
 
 from .config import InvalidRequest, ModelConfig, SampleRequest
 from .loading import LoadedModel, load_pipeline
@@ -143,19 +142,15 @@ class Generator:
             yield self._denoise_batch(idx, [resolved[i] for i in idx], [extras[i] for i in idx], origin)
 
     def _encode_text(self, batch: list[SampleRequest]) -> dict:
-        """The batch's prompt embeddings as `pipe()` keywords; encoded on rank 0, broadcast to the others."""
-        pipe, defaults = self.model.pipe, self.model.info.defaults
+        """The batch's prompt embeddings as `pipe()` keywords (the negative prompts' too, with CFG); encoded on
+        rank 0, broadcast to the others."""
+        pipe, defaults, family = self.model.pipe, self.model.info.defaults, self.model.info.family
         text = None
         if self.lead:
-            kwargs = dict(max_sequence_length=defaults.max_sequence_length, device=self.model.device)
-            if defaults.prompt_template is not None:
-                kwargs["prompt_template"] = defaults.prompt_template
-            embeds, pooled, mask = pipe.encode_prompt(prompt=[r.prompt for r in batch], **kwargs)
-            text = dict(prompt_embeds=embeds, pooled_prompt_embeds=pooled, prompt_attention_mask=mask)
+            text = family.encode(pipe, [r.prompt for r in batch], defaults, self.model.device)
             if batch[0].true_cfg_scale > 1:
-                n_embeds, n_pooled, n_mask = pipe.encode_prompt(prompt=[r.negative_prompt for r in batch], **kwargs)
-                text.update(negative_prompt_embeds=n_embeds, negative_pooled_prompt_embeds=n_pooled,
-                            negative_prompt_attention_mask=n_mask)
+                negative = family.encode(pipe, [r.negative_prompt for r in batch], defaults, self.model.device)
+                text.update({f"negative_{k}": v for k, v in negative.items()})
         if self.parallel is not None and self.parallel.groups.world is not None:
             from .parallel import broadcast_tensors
 
@@ -166,6 +161,7 @@ class Generator:
     def _denoise_batch(self, indices: list[int], batch: list[SampleRequest], extras: list[str],
                        origin: SampleOrigin) -> "DenoisedBatch":
         pipe, info = self.model.pipe, self.model.info
+        family = info.family
         first = batch[0]
         device = self.model.device
         if device.startswith("cuda"):
@@ -173,23 +169,21 @@ class Generator:
 
         t0 = time.perf_counter()
         text = self._encode_text(batch)
-        cfg = dict(true_cfg_scale=first.true_cfg_scale) if "negative_prompt_embeds" in text else {}
+        cfg = "negative_prompt_embeds" in text
         if self.session is not None:  # joint CFG checks the guided prediction, so it needs the scale
-            self.session.set_guidance_scale(cfg.get("true_cfg_scale"))
+            self.session.set_guidance_scale(first.true_cfg_scale if cfg else None)
         t1 = time.perf_counter()
-        template = info.defaults.prompt_template
         latents = pipe(
             **text, height=first.height, width=first.width, num_frames=first.num_frames,
-            num_inference_steps=first.num_inference_steps, guidance_scale=first.guidance_scale,
+            num_inference_steps=first.num_inference_steps,
             generator=[torch.Generator("cpu").manual_seed(r.seed) for r in batch],
-            output_type="latent", return_dict=False, **cfg,
-            **({"prompt_template": template} if template is not None else {}),
+            output_type="latent", return_dict=False, **family.call_kwargs(pipe, first, info.defaults, cfg),
         )[0]
         t2 = time.perf_counter()
 
         speca_stats = self.session.stats() if self.session is not None else None  # this batch's, read now
-        tokens = _tokens(info.transformer_config, latents.shape, text["prompt_embeds"].shape[1])
-        full_flops = step_flops(info.transformer_config, tokens) * first.num_inference_steps * (2 if cfg else 1)
+        tokens = family.video_tokens(info.transformer_config, latents.shape) + family.text_tokens(pipe, text)
+        full_flops = family.step_flops(info.transformer_config, tokens) * first.num_inference_steps * (2 if cfg else 1)
         fields = []
         for i, r in enumerate(batch):
             if speca_stats is not None:
@@ -235,10 +229,6 @@ class Generator:
         return video.round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy(), share
 
 
-def _tokens(transformer_config: dict, latent_shape, text_tokens: int) -> int:
-    return video_tokens(transformer_config, *latent_shape[2:]) + text_tokens
-
-
 def _batches(requests: list[SampleRequest], batch_size: int) -> Iterator[list[int]]:
     """Indices grouped by batch key, in first-seen order, at most `batch_size` per batch."""
     if batch_size < 1:
@@ -255,7 +245,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Model, SpeCa and sample-default flags shared by the CLI and the Ray job."""
     g = parser.add_argument_group("model")
     g.add_argument("--model", default="bundled",
-                   help="'bundled' (tiny test model), a diffusers folder, or a hub id (default: bundled)")
+                   help="'bundled' (tiny test model), or a diffusers HunyuanVideo or HunyuanVideo 1.5 folder or hub id "
+                        "(default: bundled)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16")
     g.add_argument("--attention-backend", default="native",

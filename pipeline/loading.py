@@ -1,8 +1,9 @@
-"""Load a HunyuanVideo pipeline: real weights (folder or hub id) or the bundled tiny model.
+"""Load a HunyuanVideo or HunyuanVideo 1.5 pipeline: real weights (folder or hub id) or the bundled tiny model.
 
-Both go through `HunyuanVideoPipeline.from_pretrained`; the bundled model is just a folder in
-this package. Size rules and defaults are read from the configs first, so requests can be
-validated before any weights are loaded.
+The family comes from `model_index.json`'s `_class_name` (`pipeline.families`); every model goes through
+its diffusers pipeline's `from_pretrained`, and the bundled model is just a folder in this package. Size
+rules and defaults are read from the configs first, so requests can be validated before any weights are
+loaded.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import GenerationDefaults, InvalidRequest, ModelConfig, ModelLimits
+from .families import PipelineFamily, family_named
 
 BUNDLED = "bundled"
 _MASK_FREE_HINT = "use 'native' (PyTorch SDPA), '_native_cudnn', '_native_efficient' or 'xformers'"
@@ -49,30 +51,43 @@ class ModelInfo:
     limits: ModelLimits
     defaults: GenerationDefaults
     transformer_config: dict
+    family: PipelineFamily
+
+
+def _read_optional(model: str, name: str) -> dict | None:
+    try:
+        return _read_json(model, name)
+    except Exception:  # noqa: BLE001 - an optional file: absent locally or on the hub
+        return None
 
 
 def read_model_info(model: str) -> ModelInfo:
-    """Read configs (no weights); errors name the model and the missing file."""
+    """Read configs (no weights); errors name the model and the missing file.
+
+    Defaults: the family's (from its configs), then the folder's `generation_config.json` over them.
+    """
     try:
         vae = _read_json(model, "vae/config.json")
         transformer = _read_json(model, "transformer/config.json")
+        family = family_named((_read_optional(model, "model_index.json") or {}).get("_class_name"))
     except Exception as e:  # noqa: BLE001 - any failure here means the model cannot be used
-        raise InvalidRequest("model", model, f"not a diffusers-format HunyuanVideo folder or reachable hub id ({e})") from e
-    try:
-        defaults = GenerationDefaults.from_dict(_read_json(model, "generation_config.json"))
-    except Exception:  # noqa: BLE001 - models without the file (real HunyuanVideo) use its defaults
-        defaults = GenerationDefaults()
+        raise InvalidRequest("model", model, f"not a diffusers-format HunyuanVideo / HunyuanVideo 1.5 folder or "
+                                             f"reachable hub id ({e})") from e
+    fields = {**family.defaults(lambda name: _read_optional(model, name), transformer, vae),
+              **(_read_optional(model, "generation_config.json") or {})}
+    defaults = GenerationDefaults.from_dict(fields)
     vae_s = int(vae.get("spatial_compression_ratio", 8))
     vae_t = int(vae.get("temporal_compression_ratio", 4))
     patch, patch_t = int(transformer.get("patch_size", 2)), int(transformer.get("patch_size_t", 1))
-    limits = ModelLimits(spatial_stride=vae_s * patch, temporal_stride=vae_t * patch_t, vae_spatial=vae_s, patch=patch)
+    limits = ModelLimits(spatial_stride=vae_s * patch, temporal_stride=vae_t * patch_t, vae_spatial=vae_s, patch=patch,
+                         embedded_guidance=family.embedded_guidance)
     return ModelInfo(model=model, path=resolve_model_path(model), limits=limits, defaults=defaults,
-                     transformer_config=transformer)
+                     transformer_config=transformer, family=family)
 
 
 @dataclass
 class LoadedModel:
-    pipe: object  # diffusers.HunyuanVideoPipeline
+    pipe: object  # diffusers.HunyuanVideoPipeline or HunyuanVideo15Pipeline
     info: ModelInfo
     config: ModelConfig
     device: str
@@ -82,21 +97,16 @@ class LoadedModel:
 def load_pipeline(config: ModelConfig = ModelConfig(), text_encoders: bool = True) -> LoadedModel:
     """Load the pipeline on the configured device / dtype with the chosen attention backend.
 
-    `text_encoders=False` leaves out the Llama and CLIP encoders and their tokenizers (HunyuanVideo's
-    Llama is ~14 GB): for a sequence-parallel rank that is handed its prompts' embeddings.
+    `text_encoders=False` leaves out the text encoders and their tokenizers (HunyuanVideo's Llama is
+    ~14 GB, 1.5's Qwen2.5-VL ~16 GB): for a sequence-parallel rank that is handed its prompts' embeddings.
     """
-    from diffusers import HunyuanVideoPipeline
-
     device = config.resolve_device()
     dtype = config.resolve_dtype(device)
     info = read_model_info(config.model)
-    without = {} if text_encoders else dict(text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None)
-    pipe = HunyuanVideoPipeline.from_pretrained(info.path, torch_dtype=dtype, **without)
+    pipe = info.family.load(info.path, dtype, text_encoders)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    if not info.defaults.vae_framewise:
-        pipe.vae.use_framewise_encoding = False
-        pipe.vae.use_framewise_decoding = False
+    info.family.prepare(pipe, info.defaults)
     tile = config.vae_tile_size
     if config.vae_tiling or tile is not None:
         pipe.vae.enable_tiling(**({} if tile is None else dict(
@@ -112,7 +122,7 @@ def load_pipeline(config: ModelConfig = ModelConfig(), text_encoders: bool = Tru
 def set_attention_backend(transformer, backend: str, device: str, dtype) -> None:
     """Select a diffusers attention backend, refusing those that cannot take HunyuanVideo's mask.
 
-    HunyuanVideo always passes a text-padding mask; flash / sage backends raise on masks deep
+    HunyuanVideo (1.0 and 1.5) always passes a text-padding mask; flash / sage backends raise on masks deep
     inside the first forward. We probe the backend once with a masked call so the error comes
     at load time and names the backend.
     """

@@ -100,3 +100,23 @@ def local_ray():
     assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")  # loopback only
     yield
     ray.shutdown()
+
+
+# --- a tiny HunyuanVideo 1.5 ----------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def hv15_model_dir(tmp_path_factory):
+    """A tiny random HunyuanVideo 1.5 pipeline saved as a diffusers folder (`tests/hv15_tiny.py`), built once."""
+    import hv15_tiny
+
+    return hv15_tiny.save(tmp_path_factory.mktemp("hv15") / "model")
+
+
+@pytest.fixture(scope="session")
+def hv15_model(hv15_model_dir):
+    """That folder loaded through `pipeline.loading` (fp32, CPU), once."""
+    from pipeline.config import ModelConfig
+    from pipeline.loading import load_pipeline
+
+    return load_pipeline(ModelConfig(model=str(hv15_model_dir), device="cpu"))
