@@ -220,8 +220,8 @@ class SampleRequest:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise InvalidRequest(name, v, "must be a finite number >= 0")
         if not limits.embedded_guidance and self.guidance_scale != 1:
-            raise InvalidRequest("guidance_scale", self.guidance_scale, "must be 1: this model has no embedded "
-                                                                        "guidance; its CFG scale is true_cfg_scale")
+            raise InvalidRequest("guidance_scale", self.guidance_scale,
+                                 "must be 1: this model has no embedded guidance; its CFG scale is true_cfg_scale")
         if not isinstance(self.negative_prompt, str):
             raise InvalidRequest("negative_prompt", self.negative_prompt, "must be a string (may be empty)")
 

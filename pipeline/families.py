@@ -83,7 +83,8 @@ class HunyuanVideo(PipelineFamily):
 
     def call_kwargs(self, pipe, request, defaults, cfg):
         template = defaults.prompt_template
-        return dict(guidance_scale=request.guidance_scale, **({"true_cfg_scale": request.true_cfg_scale} if cfg else {}),
+        return dict(guidance_scale=request.guidance_scale,
+                    **({"true_cfg_scale": request.true_cfg_scale} if cfg else {}),
                     **({"prompt_template": template} if template is not None else {}))
 
     def text_tokens(self, pipe, text):
@@ -127,7 +128,8 @@ class HunyuanVideo15(PipelineFamily):
     def encode(self, pipe, prompts, defaults, device):
         embeds, mask, embeds_2, mask_2 = pipe.encode_prompt(prompt=prompts, device=device, dtype=pipe.transformer.dtype,
                                                             batch_size=len(prompts))
-        return dict(prompt_embeds=embeds, prompt_embeds_mask=mask, prompt_embeds_2=embeds_2, prompt_embeds_mask_2=mask_2)
+        return dict(prompt_embeds=embeds, prompt_embeds_mask=mask, prompt_embeds_2=embeds_2,
+                    prompt_embeds_mask_2=mask_2)
 
     def call_kwargs(self, pipe, request, defaults, cfg):
         # The guider runs CFG (a cond and an uncond call per step, each in its own cache context); disabled,
@@ -136,7 +138,8 @@ class HunyuanVideo15(PipelineFamily):
         return {}
 
     def text_tokens(self, pipe, text):
-        return text["prompt_embeds"].shape[1] + text["prompt_embeds_2"].shape[1] + int(pipe.vision_num_semantic_tokens)
+        glyph = text["prompt_embeds_2"].shape[1]
+        return text["prompt_embeds"].shape[1] + glyph + int(pipe.vision_num_semantic_tokens)
 
     def step_flops(self, transformer_config, tokens):
         from speca.flops import step_flops

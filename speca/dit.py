@@ -14,10 +14,9 @@ from diffusers.models.attention import BasicTransformerBlock
 
 from .blocks import redraft_adaln_zero
 from .config import SpeCaConfig
-from .flops import block_flops
+from .flops import step_flops as _step_flops
 from .registry import BlockSpec, FamilySpec, register
 
-MLP_RATIO = 4.0  # BasicTransformerBlock's FeedForward default
 # The authors' DiT settings (Cache4Diffusion speca-dit): order 4, 3 warm-up steps, tau 0.1 -> 0.001
 # (floor 0.01) on their element-wise relative L1, 2..5 speculative steps, per-module cache.
 REFERENCE = SpeCaConfig(order=4, cache="module", tau0=0.1, beta=0.01, tau_min=0.01, metric="rel_l1_elementwise",
@@ -68,22 +67,14 @@ def image_tokens(transformer_config) -> int:
     return (int(transformer_config["sample_size"]) // int(transformer_config["patch_size"])) ** 2
 
 
-def _hidden(transformer_config) -> int:
-    return int(transformer_config["num_attention_heads"]) * int(transformer_config["attention_head_dim"])
-
-
 def step_flops(transformer_config) -> float:
-    """FLOPs of one full transformer pass for one row (a CFG sample is two rows)."""
-    return int(transformer_config["num_layers"]) * block_flops(_hidden(transformer_config),
-                                                               image_tokens(transformer_config), MLP_RATIO)
+    """FLOPs of one full transformer pass for one row (a CFG sample is two rows; MLP ratio 4, FeedForward's)."""
+    return _step_flops(transformer_config, image_tokens(transformer_config))
 
 
 def estimate_cache_bytes(transformer_config, config: SpeCaConfig, rows: int = 1, dtype_bytes: int = 2) -> int:
-    """Feature-cache bytes for `rows` batch rows (2 per sample with CFG).
-
-    lean: (order + 1) x [stream into the verified block + stream out of it (+ the first block's out,
-          with verify_first)];
-    module: (order + 1) x [attention + MLP output] per block."""
-    per_token = 2 + int(config.verify_first) if config.cache == "lean" else 2 * int(transformer_config["num_layers"])
-    return ((config.order + 1) * per_token * image_tokens(transformer_config) * _hidden(transformer_config)
-            * rows * dtype_bytes)
+    """Feature-cache bytes for `rows` batch rows (2 per sample with CFG); the hooks' layout
+    (`FamilySpec.cache_bytes`): lean, the stream into the verified block and out of it (+ the first
+    block's out, with verify_first); module, attention + MLP output per block."""
+    return FAMILY.cache_bytes(transformer_config, config, image_tokens(transformer_config), batch=rows,
+                              dtype_bytes=dtype_bytes)

@@ -13,23 +13,16 @@ from diffusers import FluxTransformer2DModel
 from diffusers.models.transformers.transformer_flux import (FluxIPAdapterAttnProcessor, FluxSingleTransformerBlock,
                                                           FluxTransformerBlock)
 
-from .blocks import redraft_dual_stream, redraft_joint
+from .blocks import STREAMS, dual_stream_spec, redraft_joint
 from .config import SpeCaConfig
-from .flops import block_flops
+from .flops import num_blocks, step_flops  # noqa: F401  (this family's, by name; FLUX's MLP ratio is 4, no config key)
 from .registry import BlockSpec, FamilySpec, register
 
-STREAMS = ("hidden_states", "encoder_hidden_states")
 RETURNS = ("encoder_hidden_states", "hidden_states")
-MLP_RATIO = 4.0  # fixed in diffusers' FLUX blocks, not a config key
 # The authors' FLUX settings (Cache4Diffusion speca-flux): order 2, 3 warm-up steps, tau 7 -> 2.1
 # (floor 0.1) on their element-wise relative L1, 2..8 speculative steps, per-module cache.
 REFERENCE = SpeCaConfig(order=2, cache="module", tau0=7.0, beta=0.3, tau_min=0.1, metric="rel_l1_elementwise",
                         warmup_steps=3, min_spec=2, max_spec=8)
-
-
-def _redraft_double(block, streams: dict, args: dict, cached) -> dict:
-    h, e = redraft_dual_stream(block, streams["hidden_states"], streams["encoder_hidden_states"], args["temb"], cached)
-    return {"hidden_states": h, "encoder_hidden_states": e}
 
 
 def _redraft_single(block, streams: dict, args: dict, cached) -> dict:
@@ -50,18 +43,14 @@ FAMILY = register(FamilySpec(
     model_class=FluxTransformer2DModel,
     block_lists=("transformer_blocks", "single_transformer_blocks"),
     blocks={
-        FluxTransformerBlock: BlockSpec(
-            STREAMS, RETURNS, {"attn": ("attn", "attn_context"), "ff": ("ff",), "ff_context": ("ff_context",)},
-            _redraft_double),
-        FluxSingleTransformerBlock: BlockSpec(STREAMS, RETURNS, {"proj_out": ("proj_out",)}, _redraft_single),
+        FluxTransformerBlock: dual_stream_spec(RETURNS),
+        FluxSingleTransformerBlock: BlockSpec(STREAMS, RETURNS, {"proj_out": ("proj_out",)}, _redraft_single,
+                                              spans={"proj_out": STREAMS}),
     },
     batched_args=("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance"),
     check=_check,
+    layers=("num_layers", "num_single_layers"),
 ))
-
-
-def num_blocks(transformer_config) -> int:
-    return int(transformer_config["num_layers"]) + int(transformer_config["num_single_layers"])
 
 
 def image_tokens(height: int, width: int, vae_scale_factor: int = 8) -> int:
@@ -69,23 +58,10 @@ def image_tokens(height: int, width: int, vae_scale_factor: int = 8) -> int:
     return (height // (2 * vae_scale_factor)) * (width // (2 * vae_scale_factor))
 
 
-def _hidden(transformer_config) -> int:
-    return int(transformer_config["num_attention_heads"]) * int(transformer_config["attention_head_dim"])
-
-
-def step_flops(transformer_config, tokens: int) -> float:
-    """FLOPs of one full transformer pass for one sample (tokens = image + text)."""
-    return num_blocks(transformer_config) * block_flops(_hidden(transformer_config), tokens, MLP_RATIO)
-
-
 def estimate_cache_bytes(transformer_config, config: SpeCaConfig, image_tokens: int, text_tokens: int,
                          batch: int = 1, dtype_bytes: int = 2, contexts: int = 1) -> int:
-    """Feature-cache bytes for a batch; `contexts` = 2 with true CFG. Same layout as HunyuanVideo's:
-    lean caches both streams into the verified block and the image stream out of it; module caches
-    both streams' attention and MLP outputs per dual block and the joint projection per single block."""
-    if config.cache == "lean":
-        tokens = 2 * image_tokens + text_tokens + (image_tokens if config.verify_first else 0)
-    else:
-        tokens = (int(transformer_config["num_layers"]) * 2 * (image_tokens + text_tokens)
-                  + int(transformer_config["num_single_layers"]) * (image_tokens + text_tokens))
-    return (config.order + 1) * tokens * _hidden(transformer_config) * batch * dtype_bytes * contexts
+    """Feature-cache bytes for a batch; `contexts` = 2 with true CFG. The layout is the hooks'
+    (`FamilySpec.cache_bytes`): lean caches both streams into the verified block and the image stream out
+    of it; module caches both streams' attention and MLP outputs per dual block and the joint projection
+    per single block."""
+    return FAMILY.cache_bytes(transformer_config, config, image_tokens, text_tokens, batch, dtype_bytes, contexts)

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from .flops import hidden_size
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,8 @@ class BlockSpec:
             (masks, rotary tables) with them, padding slots masked out; text tokens stay whole.
             None: the block cannot be checked on a token subset (`SpeCaConfig.verify_tokens` < 1 is
             refused).
+        spans: capture key -> the streams whose tokens that output covers (for cache sizes); a key
+            not named covers the image stream.
     """
 
     streams: tuple[str, ...]
@@ -42,6 +46,7 @@ class BlockSpec:
     redraft: Callable[[torch.nn.Module, dict, dict, Callable[[str], torch.Tensor]], dict]
     image: str = "hidden_states"
     subset: Callable[[dict, "TokenSubset"], dict] | None = None
+    spans: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if set(self.streams) != set(self.returns) or self.image not in self.streams:
@@ -83,6 +88,8 @@ class FamilySpec:
         head: `(transformer, image_stream, block_arguments) -> prediction tokens`: the model's output
             head on the last block's image stream, per token and without module hooks
             (`SpeCaConfig.signal="prediction"`); None: the family has no such check.
+        layers: per block list, the transformer-config key holding its length (e.g. `"num_layers"`),
+            for sizes computed from a config alone (`cache_bytes`).
     """
 
     name: str
@@ -94,6 +101,41 @@ class FamilySpec:
     check: Callable[[torch.nn.Module], None] | None = None
     branch_args: tuple[str, ...] = ()
     head: Callable[[torch.nn.Module, torch.Tensor, dict], torch.Tensor] | None = None
+    layers: tuple[str, ...] = ("num_layers",)
+
+    def list_specs(self) -> list[BlockSpec]:
+        """The spec of each block list's blocks, in `block_lists` order (one block class per list)."""
+        specs = list(self.blocks.values())
+        if len(specs) != len(self.block_lists) or len(self.layers) != len(self.block_lists):
+            raise TypeError(f"{self.name}: one block spec and one config key per block list expected")
+        return specs
+
+    def cache_bytes(self, transformer_config, config, image_tokens: int, text_tokens: int = 0, batch: int = 1,
+                    dtype_bytes: int = 2, contexts: int = 1) -> int:
+        """Feature-cache bytes SpeCa's hooks (`speca/hooks.py`) hold for a batch of `batch` rows, from the
+        transformer config alone; `contexts` = 2 with true CFG (cond and uncond keep separate caches); under
+        sequence parallelism pass one rank's image tokens. Each term is kept for `order + 1` steps:
+
+        lean:   the verified block's input streams (`in.<stream>`) and its image stream out (`out`); with
+                `verify_first` the first block's image stream out (`first.out`); with `verify_tokens` < 1
+                each check's subset out instead (`sub.out`, and `first.sub` for `first.out`);
+        module: every captured module output of every block (`BlockSpec.captures`) over the tokens of the
+                streams it spans (`BlockSpec.spans`).
+        """
+        specs = self.list_specs()
+
+        def tokens(spec: BlockSpec, streams: tuple[str, ...]) -> int:
+            return sum(image_tokens if name == spec.image else text_tokens for name in streams)
+
+        if config.cache == "lean":
+            last = specs[-1]
+            checked = image_tokens if config.verify_tokens >= 1 else subset_size(image_tokens, config.verify_tokens)
+            per_step = (tokens(last, last.streams) + image_tokens + (checked if config.verify_first else 0)
+                        + (checked if config.verify_tokens < 1 else 0))
+        else:
+            per_step = sum(int(transformer_config.get(key, 0) or 0) * tokens(spec, spec.spans.get(k, (spec.image,)))
+                           for key, spec in zip(self.layers, specs) for keys in spec.captures.values() for k in keys)
+        return (config.order + 1) * per_step * hidden_size(transformer_config) * batch * dtype_bytes * contexts
 
     def iter_blocks(self, transformer) -> list[tuple[torch.nn.Module, BlockSpec]]:
         out = []

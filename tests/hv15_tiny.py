@@ -17,8 +17,9 @@ import torch
 
 WORDS = "a an the red blue green white circle square dog cat moving left right up on background sign says".split()
 SPECIALS = ["<pad>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
-CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'system' %}<|system|> {% else %}<|user|> {{ m['content'] }} "
-                 "{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'system' %}<|system|> "
+                 "{% else %}<|user|> {{ m['content'] }} {% endif %}{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 GENERATION = {"num_frames": 9, "num_inference_steps": 8, "max_sequence_length": 12, "text_crop_start": 2,
               "glyph_max_length": 16, "image_tokens": 4, "fps": 8}
 HEIGHT, WIDTH = 24, 40  # the pipeline's 16:9 bucket at target_size 32 with a 4x VAE

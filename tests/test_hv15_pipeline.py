@@ -140,15 +140,18 @@ def test_batch_equals_alone_and_cfg_runs_two_calls_per_step(hv15_model):
     assert distilled.stats.flops == pytest.approx(8 * step_flops(hv15_model.info.transformer_config, tokens))
 
 
-def test_cli_writes_mp4s_and_stats(hv15_model_dir, tmp_path):
+def test_cli_with_speca_writes_mp4s_and_stats(hv15_model_dir, tmp_path):
     out = tmp_path / "out"
     code = main(["--model", str(hv15_model_dir), "--prompt", "a red circle moving left", "--prompt", QUOTED,
-                 "--speca", "off", "--num-inference-steps", "4", "--output", str(out)])
+                 "--speca", "default", "--output", str(out)])
     assert code == 0
     mp4s = sorted((out / "videos").iterdir())
     assert len(mp4s) == 2
     assert decode_mp4(mp4s[0]).frames.shape == (9, 24, 40, 3)
     storage = Storage(str(out))
     rows = [from_table(storage.read_parquet(f"stats/{p.name}"))[0] for p in sorted((out / "stats").iterdir())]
-    assert {r.step_pattern for r in rows} == {"FFFF"} and all(r.flops > 0 and r.true_cfg_scale == 6.0 for r in rows)
-    assert main(["--model", str(hv15_model_dir), "--prompt", "a cat", "--height", "30", "--speca", "off", "--output", str(out)]) == 2
+    for r in rows:
+        assert r.method == "speca" and len(r.step_pattern) == 8 and r.step_pattern.startswith("FFF")
+        # On 2 blocks the checks can cost more than the drafts save: flops_ratio may pass 1.
+        assert r.flops > 0 and r.flops_ratio > 0 and r.cache_bytes > 0 and r.true_cfg_scale == 6.0
+    assert main(["--model", str(hv15_model_dir), "--prompt", "a cat", "--height", "30", "--output", str(out)]) == 2
