@@ -1,7 +1,7 @@
-"""Sequence-parallel joint attention for HunyuanVideo's double- and single-stream blocks.
+"""Sequence-parallel joint attention for HunyuanVideo's double- and single-stream blocks (1.0 and 1.5).
 
-`SequenceParallelAttnProcessor` replaces `HunyuanVideoAttnProcessor2_0` (same call signature,
-same projections, norms and RoPE). It expects what `shard.enable_sequence_parallel`'s hooks
+`SequenceParallelAttnProcessor` replaces `HunyuanVideoAttnProcessor2_0` and 1.5's
+`HunyuanVideo15AttnProcessor2_0` (same call signature, same projections, norms and RoPE). It expects what `shard.enable_sequence_parallel`'s hooks
 give every block: this rank's contiguous shard of the (padded) video tokens, the full text
 tokens, the rotary table of the local shard, and the attention mask in the padded global
 layout `[all video tokens incl. padding; text tokens]` (padding and padded text are False).

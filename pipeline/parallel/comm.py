@@ -98,10 +98,12 @@ def step_comm_bytes(*, heads: int, head_dim: int, blocks: int, video_tokens: int
 
 def transformer_comm_bytes(transformer_config, video_tokens: int, text_tokens: int, ulysses_degree: int = 1,
                            ring_degree: int = 1, dtype_bytes: int = 2, batch: int = 1) -> CommBytes:
-    """`step_comm_bytes` with the shape numbers read from a HunyuanVideo transformer config."""
+    """`step_comm_bytes` with the shape numbers read from a HunyuanVideo (1.0 or 1.5) transformer config."""
+    from speca.flops import num_blocks
+
     c = transformer_config
     return step_comm_bytes(heads=c["num_attention_heads"], head_dim=c["attention_head_dim"],
-                           blocks=c["num_layers"] + c["num_single_layers"], video_tokens=video_tokens,
+                           blocks=num_blocks(c), video_tokens=video_tokens,
                            text_tokens=text_tokens, ulysses_degree=ulysses_degree, ring_degree=ring_degree,
                            dtype_bytes=dtype_bytes, batch=batch,
                            out_channels=c["patch_size_t"] * c["patch_size"] ** 2 * c["out_channels"])

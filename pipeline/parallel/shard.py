@@ -1,13 +1,19 @@
-"""Sequence parallelism applied to an unmodified diffusers `HunyuanVideoTransformer3DModel`.
+"""Sequence parallelism applied to an unmodified diffusers `HunyuanVideoTransformer3DModel` or
+`HunyuanVideo15Transformer3DModel`.
 
 `enable_sequence_parallel(pipe_or_transformer, ParallelConfig(...))` changes nothing in the
 model's code; it
-  * swaps the attention processor of every double- and single-stream block for
-    `SequenceParallelAttnProcessor` (the token refiner attends over text only and keeps its own);
+  * swaps the attention processor of every double- and single-stream block (1.5 has only
+    dual-stream ones) for `SequenceParallelAttnProcessor` (the token refiner attends over text only
+    and keeps its own);
   * adds a forward pre-hook on the first block that shards the video tokens: the model has
     already built the attention mask from the FULL text lengths and the rotary table for the
     full video, so padded prompts stay correct (diffusers' own context parallel builds the
-    mask from local lengths and is wrong with padded prompts). The hook keeps this rank's
+    mask from local lengths and is wrong with padded prompts). 1.5 hands its blocks a text-only
+    mask (its valid Qwen, ByT5 and image tokens first, padding after), which its attention extends
+    over the video as (query and key) padding; the hook extends it the same way, as a key mask,
+    which gives the same video and valid-text outputs (only the padding text rows, which no valid
+    token reads, differ). The hook keeps this rank's
     contiguous slice of the video tokens (zero-padded to a multiple of the world size), and
     every block's pre-hook hands its attention the local rotary table and the mask in the
     padded layout (padding keys masked out);
@@ -134,6 +140,8 @@ class SequenceParallel:
         layout = ShardLayout(total, self.world_size, self.rank)
         if mask is None:
             mask = torch.ones(b, 1, 1, total + text, dtype=torch.bool, device=hidden.device)
+        elif mask.dim() == 2 and mask.shape[-1] == text:  # 1.5: text-only, the video columns all valid
+            mask = torch.cat([torch.ones(b, total, dtype=torch.bool, device=mask.device), mask.bool()], dim=1)
         if mask.dtype != torch.bool or mask.shape[-1] != total + text:
             raise RuntimeError(f"sequence parallel expects the model's bool mask over {total} video + {text} text "
                                f"tokens, got {mask.dtype} {tuple(mask.shape)}")
@@ -182,17 +190,24 @@ def _put(args: tuple, kwargs: dict, names: list[str], i: int, value):
 
 
 def _resolve(target):
+    from diffusers import HunyuanVideo15Transformer3DModel, HunyuanVideoTransformer3DModel
+
     transformer = getattr(target, "transformer", target)
-    if not (hasattr(transformer, "transformer_blocks") and hasattr(transformer, "single_transformer_blocks")):
-        raise TypeError(f"sequence parallel needs a HunyuanVideoTransformer3DModel or a pipeline holding one, "
-                        f"got {type(target).__name__}")
+    if not isinstance(transformer, (HunyuanVideoTransformer3DModel, HunyuanVideo15Transformer3DModel)):
+        raise TypeError(f"sequence parallel needs a HunyuanVideoTransformer3DModel or HunyuanVideo15Transformer3DModel "
+                        f"or a pipeline holding one, got {type(target).__name__}")
     return transformer
 
 
-def enable_sequence_parallel(target, config: ParallelConfig, groups: ParallelGroups | None = None) -> SequenceParallel:
-    """Shard HunyuanVideo's video tokens over the ranks; every rank calls this (collective).
+def _blocks(transformer) -> list:
+    """Every block that attends over video + text, in execution order."""
+    return [*transformer.transformer_blocks, *getattr(transformer, "single_transformer_blocks", [])]
 
-    `target` is a HunyuanVideo pipeline or transformer; `groups` defaults to
+
+def enable_sequence_parallel(target, config: ParallelConfig, groups: ParallelGroups | None = None) -> SequenceParallel:
+    """Shard HunyuanVideo's (1.0 or 1.5) video tokens over the ranks; every rank calls this (collective).
+
+    `target` is a HunyuanVideo / HunyuanVideo 1.5 pipeline or transformer; `groups` defaults to
     `create_groups(config)` (needs an initialized default group when the degree is > 1).
     The model's output is the full tensor on every rank.
 
@@ -212,7 +227,7 @@ def enable_sequence_parallel(target, config: ParallelConfig, groups: ParallelGro
     if groups.config != config:
         raise ValueError(f"groups were made for {groups.config}, not {config}")
     sp = SequenceParallel(transformer, config, groups)
-    blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+    blocks = _blocks(transformer)
     for block in blocks:
         original = block.attn.processor
         processor = SequenceParallelAttnProcessor(groups)
