@@ -1,6 +1,7 @@
 """Time SpeCa on the real-size HunyuanVideo transformer: full step, speculative step, cache memory.
 
     python -m bench.gpu [--sizes 544x960x61,720x1280x129] [--repeats 3] [--budget-s 420]
+    python -m bench.gpu --family hunyuan_video15   # HunyuanVideo 1.5 (8.3B), 480x848x121 and 720x1280x121
     python -m bench.gpu --scaled-down   # tiny config, small sizes, CPU, float32: seconds
 
 On one H100 (80 GB) the default run fits an 8-minute slot: the 420 s budget leaves time for
@@ -14,6 +15,9 @@ How: diffusers' `HunyuanVideoTransformer3DModel` with its default config (the 13
 double + 40 single-stream blocks, 24 heads x 128) is built directly on the device in `--dtype`,
 with random weights (the values do not change the speed). Each size is height x width x frames
 in pixels: latent 16 x ((F - 1) / 4 + 1) x H/8 x W/8, with 256 text tokens, batch 1, no CFG.
+`--family hunyuan_video15`: `HunyuanVideo15Transformer3DModel` at its defaults (8.3B: 54 dual-stream
+blocks, 16 heads x 128), latent 65 x ((F - 1) / 4 + 1) x H/16 x W/16 (latents, condition latents and
+mask, zero for t2v), 1000 Qwen + 256 ByT5 text tokens and 729 zeroed image tokens (one CFG call).
 Per size:
   1. full step: one transformer forward; a warm-up call, then the median of `--repeats`;
   2. SpeCa through the project's adapter, per cache granularity ("lean", "module"): order 1,
@@ -47,10 +51,11 @@ from pathlib import Path
 
 import diffusers
 import torch
-from diffusers import HunyuanVideoTransformer3DModel
+from diffusers import HunyuanVideo15Transformer3DModel, HunyuanVideoTransformer3DModel
 
-from speca import SpeCaConfig, apply_speca, disable_speca, estimate_cache_bytes
-from speca.hunyuan_video import speculative_step_flops, step_flops, video_tokens
+from speca import SpeCaConfig, apply_speca, disable_speca
+from speca import hunyuan_video, hunyuan_video15
+from speca.flops import num_blocks, speculative_fraction, step_flops, video_tokens
 
 CACHES = ("lean", "module")
 ORDER = 1  # first-order drafts: two full steps give every cached feature its full history
@@ -59,6 +64,31 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 TINY_CONFIG = {"in_channels": 4, "out_channels": 4, "num_attention_heads": 2, "attention_head_dim": 10,
                "num_layers": 2, "num_single_layers": 2, "num_refiner_layers": 1, "patch_size": 1, "patch_size_t": 1,
                "text_embed_dim": 16, "pooled_projection_dim": 8, "rope_axes_dim": (2, 4, 4)}
+# HunyuanVideo 1.5 shrunk the same way: 4 dual-stream blocks, 4 latent channels (x2 + mask in).
+TINY_15 = {"in_channels": 9, "out_channels": 4, "num_attention_heads": 2, "attention_head_dim": 8, "num_layers": 4,
+           "num_refiner_layers": 1, "text_embed_dim": 16, "text_embed_2_dim": 8, "image_embed_dim": 8,
+           "rope_axes_dim": (2, 2, 4), "task_type": "t2v"}
+
+
+@dataclass(frozen=True)
+class Family:
+    """A transformer this bench can build: class, SpeCa family module, VAE stride, text lengths (real, tiny)."""
+
+    cls: type
+    speca: object  # the speca family module (estimate_cache_bytes)
+    vae_spatial: int
+    text: tuple[int, ...]  # text-stream parts, real model
+    tiny_text: tuple[int, ...]
+    tiny: dict
+    sizes: str
+
+
+FAMILIES = {
+    "hunyuan_video": Family(HunyuanVideoTransformer3DModel, hunyuan_video, 8, (256,), (16,), TINY_CONFIG,
+                            "544x960x61,720x1280x129"),
+    "hunyuan_video15": Family(HunyuanVideo15Transformer3DModel, hunyuan_video15, 16, (1000, 256, 729), (8, 4, 4),
+                              TINY_15, "480x848x121,720x1280x121"),
+}
 
 
 @dataclass(frozen=True)
@@ -98,8 +128,8 @@ class Size:
     def __str__(self) -> str:
         return f"{self.height}x{self.width}x{self.frames}"
 
-    def latent(self, channels: int) -> tuple[int, int, int, int]:
-        return channels, (self.frames - 1) // 4 + 1, self.height // 8, self.width // 8
+    def latent(self, channels: int, spatial: int = 8) -> tuple[int, int, int, int]:
+        return channels, (self.frames - 1) // 4 + 1, self.height // spatial, self.width // spatial
 
 
 class Budget:
@@ -115,22 +145,32 @@ class Budget:
         return self.left() >= seconds
 
 
-def build_transformer(model_config: dict, device: torch.device, dtype: torch.dtype) -> HunyuanVideoTransformer3DModel:
+def build_transformer(model_config: dict, device: torch.device, dtype: torch.dtype, cls: type =
+                      HunyuanVideoTransformer3DModel):
     """Randomly initialised, created on `device` in `dtype` (13B parameters never touch host memory)."""
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = HunyuanVideoTransformer3DModel(**model_config)
+            model = cls(**model_config)
     finally:
         torch.set_default_dtype(previous)
     return model.eval().requires_grad_(False)
 
 
-def make_inputs(model: HunyuanVideoTransformer3DModel, size: Size, text_tokens: int) -> dict:
+def make_inputs(model, size: Size, text_tokens: int | tuple[int, ...]) -> dict:
     """The transformer's keyword arguments for one sample, all but the timestep (as the pipeline passes them)."""
     cfg, device, dtype = model.config, model.device, model.dtype
+    if isinstance(model, HunyuanVideo15Transformer3DModel):  # text: (Qwen, ByT5, image) tokens, all valid but image
+        mllm, glyph, image = text_tokens
+        return {"hidden_states": torch.randn(1, *size.latent(cfg.in_channels, 16), device=device, dtype=dtype),
+                "encoder_hidden_states": torch.randn(1, mllm, cfg.text_embed_dim, device=device, dtype=dtype),
+                "encoder_attention_mask": torch.ones(1, mllm, device=device, dtype=dtype),
+                "encoder_hidden_states_2": torch.randn(1, glyph, cfg.text_embed_2_dim, device=device, dtype=dtype),
+                "encoder_attention_mask_2": torch.ones(1, glyph, device=device, dtype=dtype),
+                "image_embeds": torch.zeros(1, image, cfg.image_embed_dim, device=device, dtype=dtype)}
+    text_tokens = text_tokens[0] if isinstance(text_tokens, tuple) else text_tokens
     inputs = {"hidden_states": torch.randn(1, *size.latent(cfg.in_channels), device=device, dtype=dtype),
               "encoder_hidden_states": torch.randn(1, text_tokens, cfg.text_embed_dim, device=device, dtype=dtype),
               "encoder_attention_mask": torch.ones(1, text_tokens, device=device, dtype=torch.long),
@@ -248,21 +288,23 @@ def guarded(measure: Callable[[], dict]) -> dict:
         return {"status": "error", "error": f"{type(e).__name__}: {e}"}
 
 
-def measure_size(model, row: dict, size: Size, text_tokens: int, repeats: int, budget: Budget,
-                 flops_per_s: float | None, save: Callable[[], None]) -> None:
+def measure_size(model, row: dict, size: Size, text_parts: tuple[int, ...], repeats: int, budget: Budget,
+                 flops_per_s: float | None, save: Callable[[], None], family: Family = FAMILIES["hunyuan_video"]
+                 ) -> None:
     """Fill `row` with every measurement at one size, calling `save` after each.
 
     `flops_per_s` (measured at an earlier size) sizes the budget check before the first call.
     """
     device = model.device
     cfg = model.config
-    latent = size.latent(cfg.in_channels)
+    latent = size.latent(cfg.in_channels, family.vae_spatial)
     video = video_tokens(cfg, *latent[1:])
+    text_tokens = sum(text_parts)
     tokens = video + text_tokens
     flops_full = step_flops(cfg, tokens)
     row.update(size=str(size), latent=list(latent), video_tokens=video, text_tokens=text_tokens,
                flops_full=flops_full, full_step={}, speca={})
-    inputs = make_inputs(model, size, text_tokens)
+    inputs = make_inputs(model, size, text_parts)
     estimate_s = flops_full / flops_per_s if flops_per_s else 0.0
     full = guarded(lambda: measure_full(model, inputs, repeats, budget, estimate_s))
     release(device)
@@ -272,12 +314,12 @@ def measure_size(model, row: dict, size: Size, text_tokens: int, repeats: int, b
         if full["status"] != "ok":
             row["speca"][cache] = {"status": full["status"]}
             continue
-        estimate = estimate_cache_bytes(cfg, SpeCaConfig(order=ORDER, cache=cache), video, text_tokens,
-                                        dtype_bytes=model.dtype.itemsize)
+        estimate = family.speca.estimate_cache_bytes(cfg, SpeCaConfig(order=ORDER, cache=cache), video, text_tokens,
+                                                     dtype_bytes=model.dtype.itemsize)
         res = guarded(partial(measure_speca, model, inputs, cache, repeats, budget, full["median_s"], estimate))
         release(device)
         if "pattern" in res:
-            res["flops_spec"] = speculative_step_flops(cfg, tokens, res["draft_blocks"])
+            res["flops_spec"] = flops_full * speculative_fraction(num_blocks(cfg), res["draft_blocks"])
             res["flops_ratio"] = res["flops_spec"] / flops_full
             res["time_ratio"] = res["spec_step_s"] / full["median_s"] if res["spec_step_s"] is not None else None
         row["speca"][cache] = res
@@ -315,6 +357,9 @@ def render_table(rows: list[dict]) -> str:
 
 def render_markdown(results: dict) -> str:
     m = results["model"]
+    blocks = (f"{m['num_layers']} double + {m['num_single_layers']} single-stream blocks"
+              if m.get("num_single_layers") is not None else f"{m['num_layers']} dual-stream blocks")
+    verified = "the last single-stream block" if m.get("num_single_layers") is not None else "the last block"
     notes = [f"- {row['size']} {name}: {res[key]}" for row in results["rows"]
              for name, res in [("full step", row["full_step"]), *row["speca"].items()]
              for key in ("note", "error") if key in res]
@@ -323,11 +368,11 @@ def render_markdown(results: dict) -> str:
         f"# bench.gpu on {results['device']} (torch {results['torch']}, diffusers {results['diffusers']})",
         "",
         f"Command: `{results['command']}`  ",
-        (f"Model: HunyuanVideoTransformer3DModel, {m['num_layers']} double + {m['num_single_layers']} single-stream "
-         f"blocks, {m['num_attention_heads']} heads x {m['attention_head_dim']}, {m['parameters']:,} "
+        (f"Model: {results.get('class', 'HunyuanVideoTransformer3DModel')}, {blocks}, "
+         f"{m['num_attention_heads']} heads x {m['attention_head_dim']}, {m['parameters']:,} "
          f"parameters, random weights, {results['dtype']}. Batch 1, no CFG.  "),
         (f"Times: {timing}, median of up to {results['repeats']} calls after a warm-up call. SpeCa: order {ORDER}, "
-         "thresholds inf (every draft accepted), verified block = the last single-stream block; FLOPs from "
+         f"thresholds inf (every draft accepted), verified block = {verified}; FLOPs from "
          f"`speca/flops.py`. Elapsed {results['elapsed_s']:.0f} s of a {results['budget_s']:.0f} s budget."),
         "",
         render_table(results["rows"]),
@@ -348,6 +393,8 @@ def main(argv: list[str] | None = None) -> dict:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scaled-down", action="store_true",
                         help="a tiny 2 + 2 block config at small sizes, on CPU in float32 unless told otherwise")
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="hunyuan_video",
+                        help="hunyuan_video (13B, default) or hunyuan_video15 (8.3B; sizes 480x848x121,720x1280x121)")
     parser.add_argument("--sizes", help=f"comma-separated HEIGHTxWIDTHxFRAMES (default {REAL.sizes}; "
                                         f"scaled down {SCALED_DOWN.sizes})")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls after the warm-up, per measurement")
@@ -362,21 +409,26 @@ def main(argv: list[str] | None = None) -> dict:
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     setup = SCALED_DOWN if args.scaled_down else REAL
+    family = FAMILIES[args.family]
     device = torch.device(args.device or setup.device)
     dtype = DTYPES[args.dtype or setup.dtype]
-    sizes = [Size.parse(s) for s in (args.sizes or setup.sizes).split(",")]
-    out = Path(args.out or setup.out)
+    default_sizes = setup.sizes if args.scaled_down or args.family == "hunyuan_video" else family.sizes
+    sizes = [Size.parse(s) for s in (args.sizes or default_sizes).split(",")]
+    out = Path(args.out or (setup.out if args.family == "hunyuan_video" else
+                            setup.out.replace("results/gpu", f"results/gpu_{args.family}", 1)))
     budget = Budget(args.budget_s - (time.perf_counter() - start))
+    text_parts = family.tiny_text if args.scaled_down else family.text
 
-    model = build_transformer(setup.model_config, device, dtype)
+    model = build_transformer(family.tiny if args.scaled_down else setup.model_config, device, dtype, family.cls)
     results = {
         "command": " ".join(["python -m bench.gpu", *argv]),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
         "device_type": device.type, "torch": torch.__version__, "diffusers": diffusers.__version__,
+        "class": family.cls.__name__,
         "dtype": str(dtype).removeprefix("torch."), "scaled_down": args.scaled_down, "repeats": args.repeats,
         "budget_s": args.budget_s, "elapsed_s": 0.0,
-        "model": {**{k: model.config[k] for k in ("num_layers", "num_single_layers", "num_attention_heads",
-                                                   "attention_head_dim", "patch_size", "patch_size_t")},
+        "model": {**{k: model.config.get(k) for k in ("num_layers", "num_single_layers", "num_attention_heads",
+                                                       "attention_head_dim", "patch_size", "patch_size_t")},
                   "parameters": sum(p.numel() for p in model.parameters())},
         "rows": [],
     }
@@ -390,7 +442,7 @@ def main(argv: list[str] | None = None) -> dict:
         for size in sizes:
             row: dict = {}
             results["rows"].append(row)
-            measure_size(model, row, size, setup.text_tokens, args.repeats, budget, flops_per_s, save)
+            measure_size(model, row, size, text_parts, args.repeats, budget, flops_per_s, save, family)
             if row["full_step"]["status"] == "ok":
                 flops_per_s = row["flops_full"] / row["full_step"]["median_s"]
     print(render_table(results["rows"]))
