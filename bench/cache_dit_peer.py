@@ -145,29 +145,25 @@ def disable(pipe) -> None:
         children.update(ordered)
 
 
+# DBCache F1B0 residual-diff thresholds, plain and with the TaylorSeer calibrator, from <= 1.2x FLOPs to where each
+# leaves the quality floor, chosen on the first 16 calibration prompts (bench.caching --prompt-set calibration, never
+# an evaluation prompt; 50 steps, batch 8; bench/results/peer_frontier_calibration.md): plain 0.02 never cached
+# (1.00x), 0.04 gave 1.25x at a worst clip of 33.2 dB, 0.06 1.34x at 23.2 dB.
+THRESHOLDS = (0.03, 0.04, 0.05, 0.06, 0.08)
+TAYLORSEER_THRESHOLDS = (0.04, 0.08, 0.12, 0.2)
+
+
 def settings() -> list[CacheDitSetting]:
-    """DBCache at three thresholds and DBCache + TaylorSeer at two settings, from fidelity to speed.
+    """DBCache over its frontier (`THRESHOLDS`), and DBCache + TaylorSeer (`TAYLORSEER_THRESHOLDS`).
 
-    Chosen on 8 calibration prompts (bench.caching.calibration_requests, never an evaluation prompt),
-    50 steps, batch 8. F1B0 throughout: on the tiny model (2 double + 4 single blocks) a cached call
-    still runs the first block of each list, about 1/3 of the block FLOPs, so no setting can pass
-    ~2.9x; Bn > 0 (F1B1: 1.2x at 47 dB) gave up speed without buying fidelity over F1B0 t=0.08.
-    TaylorSeer extrapolates only from the 4th computed step on (its state counts steps from its
-    first update), so its settings keep cache-dit's default 8 warmup steps.
-
-    On those prompts (PSNR to the uncached clips, mean; counted-FLOPs speedup): 46.2 dB 1.50x,
-    35.0 dB 1.90x, 21.2 dB 2.56x, 53.2 dB 1.45x, 42.7 dB 1.74x, in the order below.
+    F1B0 throughout: on the tiny model a cached call still runs the first block of each list, so no setting can
+    pass ~2.9x there; Bn > 0 (F1B1: 1.2x at 47 dB on v1) gave up speed without buying fidelity over F1B0.
+    TaylorSeer extrapolates only from the 4th computed step on (its state counts steps from its first update), so
+    every setting keeps cache-dit's default 8 warmup steps.
     """
-    return [
-        CacheDitSetting("cache-dit DBCache F1B0 t=0.08", "cachedit-f1b0-0.08", threshold=0.08),
-        CacheDitSetting("cache-dit DBCache F1B0 t=0.24", "cachedit-f1b0-0.24", threshold=0.24),
-        CacheDitSetting("cache-dit DBCache F1B0 t=0.4", "cachedit-f1b0-0.4", threshold=0.4),
-        CacheDitSetting("cache-dit DBCache F1B0 t=0.8 W1", "cachedit-f1b0-0.8-w1", threshold=0.8, warmup=1),
-        CacheDitSetting("cache-dit DBCache F1B0 t=0.08 + TaylorSeer", "cachedit-f1b0-0.08-ts", threshold=0.08,
-                        taylorseer_order=1),
-        CacheDitSetting("cache-dit DBCache F1B0 t=0.8 MC3 + TaylorSeer", "cachedit-f1b0-0.8-mc3-ts",
-                        threshold=0.8, max_continuous_cached_steps=3, taylorseer_order=1),
-    ]
+    plain = [CacheDitSetting(f"cache-dit DBCache F1B0 t={t}", f"cachedit-f1b0-{t}", threshold=t) for t in THRESHOLDS]
+    return plain + [CacheDitSetting(f"cache-dit DBCache F1B0 t={t} + TaylorSeer", f"cachedit-f1b0-{t}-ts", threshold=t,
+                                    taylorseer_order=1) for t in TAYLORSEER_THRESHOLDS]
 
 
 def cached_calls(pipe) -> dict[str, tuple[int, int]]:

@@ -285,12 +285,12 @@ def write_report(rows: list[dict], meta: dict, out: Path) -> None:
                      "on calibration prompts (`bench/cache_dit_peer.py`).")
     if "fastercache" in families:
         notes.append("FasterCache: attention skipping only (`is_guidance_distilled=True`, spatial skip range "
-                     "(-1, 901), weight 0.5, as diffusers' own HunyuanVideo test configures it). Its CFG cache "
+                     "and timestep range per row, weight 0.5, as diffusers' own HunyuanVideo test configures it). Its CFG cache "
                      "(approximating the unconditional branch) expects [uncond, cond] stacked in one batch; with the "
                      "two separate calls it splits the conditional batch in halves and fails (the 'with its CFG "
                      "cache' row, when run), so the other rows leave it off.")
     if "pab" in families:
-        notes.append("PAB: spatial attention only, timestep range (100, 800): HunyuanVideo's attention modules are "
+        notes.append("PAB: spatial attention only (skip range and timestep range per row): HunyuanVideo's attention modules are "
                      "joint self-attention, so PAB's cross-attention and temporal ranges have nothing to act on. Its "
                      "default identifiers also match the token refiner's attention, which it skips too (outside the "
                      "counted blocks).")
@@ -302,8 +302,12 @@ def write_report(rows: list[dict], meta: dict, out: Path) -> None:
     if meta["mag_ratios"] is not None:
         notes.append(f"MagCache: ratios from diffusers' calibration mode (`MagCacheConfig(calibrate=True)`) on "
                      f"{len(meta['calibration_prompts'])} prompts that are not evaluation prompts, averaged over "
-                     f"prompts and both CFG branches; max_skip_steps 3, retention_ratio 0.2. Ratios: "
+                     f"prompts and both CFG branches; threshold, max_skip_steps and retention_ratio per row (skips beyond "
+                     f"diffusers' default 3, which caps it near 2.5x). Ratios: "
                      f"{', '.join(f'{x:.4f}' for x in meta['mag_ratios'])}.")
+    notes.append("The peers' settings span each family from <= 1.2x FLOPs to where it leaves the floor; they were "
+                 "chosen on calibration prompts, never evaluation prompts (`bench/peers.py`, "
+                 "`bench/cache_dit_peer.py`; figures in `peer_frontier_calibration.md`).")
     lines += ["", "## Notes", "", *(f"- {n}" for n in notes)]
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

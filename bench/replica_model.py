@@ -17,7 +17,7 @@ SpeCa's default, from
   /work/shared/reference/anchors.md): xDiT's 8-H100 latency, sglang's tiled-decode timings,
   the text encoders' per-prompt time, LinCa's SpeCa latency-to-FLOPs ratio;
 * SpeCa's default FLOPs speedup projected to 60 blocks, as measured by `bench.caching`
-  (bench/results/caching.json on the bundled v1 model, caching_v2_first_look.json on v2).
+  (bench/results/caching_v1.json on the bundled v1 model, caching_v2_first_look.json on v2).
 
 "Before" is the replica as it was (every rank encodes the prompts and holds the text encoders,
 rank 0 decodes every VAE tile); "after" is this change (rank 0 encodes once and broadcasts, the
@@ -88,7 +88,7 @@ def vae_tiles(vae, height: int, width: int, frames: int) -> int:
 def speca_speedups() -> dict[str, float]:
     """SpeCa default's FLOPs speedup at 60 blocks, as bench.caching measured it on each bundled model."""
     out = {}
-    for name, path in (("v1", "caching.json"), ("v2", "caching_v2_first_look.json")):
+    for name, path in (("v1", "caching_v1.json"), ("v2", "caching_v2_first_look.json")):
         rows = json.loads((ROOT / "bench" / "results" / path).read_text())["rows"]
         out[name] = next(r["flops_speedup_60"] for r in rows if r["key"] == "speca-default")
     return out

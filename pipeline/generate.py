@@ -257,8 +257,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                    help="VAE tile side in pixels, stride 3/4 of it (default: diffusers' 256); implies --vae-tiling")
     s = parser.add_argument_group("SpeCa")
     s.add_argument("--speca", default="default",
-                   help="SpeCa preset: 'default', 'subset' (a cheaper check on 1/8 of the video tokens, "
-                        "for shallow models), 'reference' (the authors' HunyuanVideo settings) or 'off'")
+                   help="SpeCa preset: 'default' (tuned on the bundled model: checks on 1/8 of the video tokens, "
+                        "the first block's on the real latent deciding which clips need full steps), 'reference' "
+                        "(the authors' HunyuanVideo settings) or 'off'")
     s.add_argument("--speca-cache", choices=["module", "lean"], help="override the preset's cache granularity")
     s.add_argument("--speca-tau0", type=float, help="override the preset's initial threshold")
     s.add_argument("--speca-max-spec", type=int, help="override the preset's maximum speculative run")

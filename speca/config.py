@@ -156,22 +156,19 @@ PRESETS: dict[str, SpeCaConfig] = {
     # per-module cache.
     "reference": SpeCaConfig(order=1, cache="module", tau0=1.0, beta=0.1, tau_min=0.1,
                              metric="rel_l1_elementwise", warmup_steps=1, min_spec=4, max_spec=12),
-    # Our default: lean cache, ratio-of-sums error, 3 warm-up steps, and a threshold that starts 16x
-    # stricter than it ends (0.006 -> 0.096): a draft error while the layout forms moves the whole
-    # trajectory (a second copy of an object), one late in the run only blurs detail. Tuned on 48
-    # calibration prompts that are not bench.caching's evaluation prompts (bundled model v1, 50 steps):
-    # the paper's direction (0.05 -> 0.025) gave 2.62x fewer FLOPs with a worst clip of 26.2 dB and
-    # 3 clips judged otherwise than uncached; this gave 2.32x, worst 31.4 dB, none. The 96 prompts
-    # of bench/results/speca_tuning.md add a chaotic clip (22.5 dB; an exploratory check kept only 27.6
-    # at 45 plain steps);
-    # bench/results/caching.md has the evaluation run and the ablations.
-    "default": SpeCaConfig(),
-    # The default with the check on 1/8 of the video tokens (plus all text tokens) and thresholds
-    # x1.25: on a shallow model a full-token check is a large share of a step (1/6 on the 6-block v1
-    # bundled model, 1/12 on v2, 1/60 on HunyuanVideo), and the saving buys more drafts. HunyuanVideo
-    # only, one process (sequence parallelism refuses it). Tuned on 96 calibration prompts (bundled model v1, 50
-    # steps, bench/results/speca_tuning.md): 3.20x fewer FLOPs against the default's 2.31x, mean /
-    # p10 / worst PSNR 40.0 / 35.9 / 22.6 dB against 40.5 / 34.9 / 22.5, 5 clips judged otherwise
-    # than uncached against 4 (the worst clip is the chaotic one).
-    "subset": SpeCaConfig(verify_tokens=0.125, tau0=0.0075),
+    # Our default, tuned on the bundled model v2 (12 blocks, 50 steps, CFG 6) on the first 96 calibration prompts
+    # of bench.caching (never its evaluation prompts): bench/results/speca_tuning_v2.md. A lean cache; two checks,
+    # each on 1/8 of the video tokens (plus the text tokens): the last block's drafted output against its real
+    # output, and the first block run for real on the latent the step starts from (`verify_first`), the
+    # per-sample difficulty signal: a clip whose latent has left the drafted trajectory fails the second while
+    # its self-consistent drafts pass the first, so chaotic clips get more full steps (up to 20 of 50) and calm
+    # ones fewer. Threshold 0.009 -> 0.072 over the run, 3 warm-up steps, the cond branch deciding for both.
+    # On those prompts: 2.58x fewer FLOPs, mean / worst PSNR 41.3 / 27.4 dB, no clip under 26 dB, one verdict
+    # turned. Without the first-block check no setting kept every clip above 26 dB at >= 2.5x (one broke at
+    # 16-17 dB from a draft accepted at step 5 whatever the threshold, warm-up or CFG check). Chaotic clips make
+    # the threshold non-monotonic: 0.010 (2.72x) let one clip fall to 20.4 dB that 0.009 and 0.011 kept.
+    # HunyuanVideo only (the token-subset rule).
+    "default": SpeCaConfig(order=1, cache="lean", tau0=0.009, beta=8.0, tau_min=0.0, metric="rel_l1",
+                           signal="output", cfg_branches="leader", verify_first=True, verify_tokens=0.125,
+                           warmup_steps=3, max_spec=8),
 }

@@ -14,7 +14,8 @@ from pipeline.tiny.worlds import world_of
 from speca import SpeCaConfig
 
 SPECA = ["speca-default", "speca-default-b1", "speca-reference-1.0"]
-WORKING = [*SPECA, "magcache-0.06", "pab-2-branch", "fastercache-2-branch", "fewer-steps-5"]
+MAG, PAB, FASTER, FEWER = "magcache-0.12-k3-r0.2", "pab-2-100-800-branch", "fastercache-3-901-branch", "fewer-steps-6"
+WORKING = [*SPECA, MAG, PAB, FASTER, FEWER]
 FAILING = "fastercache-cfg"  # FasterCache's CFG cache cannot run with CFG as two calls: an error row
 PROMPTS, STEPS = 2, 10
 WORLD = world_of(bundled_model_dir())
@@ -77,11 +78,10 @@ def test_every_method_skips_work_and_stays_close(report):
         assert r["flops_speedup"] > 1.0, key
         assert math.isfinite(r["psnr"]) and r["psnr"] > 10.0, key  # the paper's preset: ~13 dB at 10 steps
         assert r["psnr_worst"] <= r["psnr_p10"] <= r["psnr"] and len(r["psnr_all"]) == PROMPTS, key
-        assert r["psnr_worst"] == min(r["psnr_all"]), key
         assert 0.0 < r["ssim_worst"] <= r["ssim"] < 1.0, key
         assert 0.0 < r["flicker"] <= 1.0, key
         assert r["wall_speedup"] > 0 and len(r["denoise_seconds"]) == 1, key
-    assert rows["magcache-0.06"]["cache_mb"] > 0 and rows["pab-2-branch"]["cache_mb"] > 0
+    assert rows[MAG]["cache_mb"] > 0 and rows[PAB]["cache_mb"] > 0
 
 
 def test_speca_full_step_distribution(report):
@@ -89,10 +89,11 @@ def test_speca_full_step_distribution(report):
     for key in SPECA:
         r = rows[key]
         assert len(r["full_steps"]) == PROMPTS and all(1 <= n < STEPS for n in r["full_steps"])
-        assert (r["full_steps_min"], r["full_steps_max"]) == (min(r["full_steps"]), max(r["full_steps"]))
+        # Full steps from the per-sample stats against the step pattern (a rolled-back draft is recomputed in full).
+        assert r["full_steps"] == [p.count("F") + p.count("R") for p in r["patterns"]], key
         assert f"`{key}` | {r['flops_speedup']:.2f}x |" in md
         assert f"{r['full_steps_min']}/{r['full_steps_mean']:.1f}/{r['full_steps_max']} |" in md
-    assert rows["magcache-0.06"]["full_steps"] is None
+    assert rows[MAG]["full_steps"] is None
 
 
 def test_failing_hook_is_an_error_row(report):
@@ -160,14 +161,22 @@ def test_projection_to_60_blocks_follows_the_step_patterns(report):
     _, _, _, rows = report
     for key in SPECA:
         r = rows[key]
-        verify_first = key.startswith("speca-default") and SpeCaConfig.from_name("default").verify_first
-        drafted = 1 + int(verify_first)  # the last block, and the first when it is checked too
-        cost = sum(p.count("F") * 60 + p.count("S") * drafted + p.count("R") * (60 + drafted) for p in r["patterns"])
-        expected = 60 * sum(len(p) for p in r["patterns"]) / cost
-        assert r["flops_speedup_60"] == pytest.approx(expected, rel=0.02), key
+        config = SpeCaConfig.from_name("default" if key.startswith("speca-default") else "reference")
+        checks = 1 + int(config.verify_first)  # the last block, and the first when it is checked too
+
+        def projected(check_cost: float) -> float:
+            cost = sum(p.count("F") * 60 + (p.count("S") + p.count("R")) * checks * check_cost + p.count("R") * 60
+                       for p in r["patterns"])
+            return 60 * sum(len(p) for p in r["patterns"]) / cost
+
+        if config.verify_tokens == 1:
+            assert r["flops_speedup_60"] == pytest.approx(projected(1.0), rel=0.02), key
+        else:  # a token-subset check costs more than its share of a block (the text tokens, every token's keys and
+            # values), at most a block (within the 2% the projection leaves out, as above)
+            assert projected(1.0) / 1.02 < r["flops_speedup_60"] < projected(config.verify_tokens), key
         assert r["flops_speedup_60"] > r["flops_speedup"], key  # the check's cost shrinks with depth
-    few = rows["fewer-steps-5"]
-    assert few["flops_speedup"] == pytest.approx(STEPS / 5, rel=1e-6)
+    few = rows[FEWER]
+    assert few["flops_speedup"] == pytest.approx(STEPS / 6, rel=1e-6)
     assert few["flops_speedup_60"] == pytest.approx(few["flops_speedup"], rel=1e-6)  # no block is a fixed cost
 
 
@@ -194,10 +203,10 @@ def test_pareto_front_keeps_only_undominated_points():
 def test_only_selects_by_key_family_and_wildcard():
     methods = speca_rows.speca_methods() + peers.diffusers_methods(STEPS, lambda: [1.0] * STEPS)
     assert [m.key for m in select(methods, "speca-default*")][:2] == ["speca-default", "speca-default-b1"]
-    assert {m.key for m in select(methods, "pab")} == {"pab-2", "pab-3", "pab-4", "pab-2-branch",
-                                                                "pab-3-branch", "pab-4-branch"}
-    assert [m.key for m in select(methods, "magcache-0.06, fbc-*")] == ["fbc-0.05", "fbc-0.1", "fbc-0.2",
-                                                                                 "magcache-0.06"]
+    pab = [m.key for m in methods if m.family == "pab"]
+    assert len(pab) > 1 and [m.key for m in select(methods, "pab")] == pab  # a family name selects the family
+    fbc = [m.key for m in methods if m.key.startswith("fbc-")]
+    assert [m.key for m in select(methods, f"{MAG}, fbc-*")] == [*fbc, MAG]  # in catalogue order, each once
     assert len(select(methods, "all")) == len(methods)
     assert select(methods, "nothing-like-this") == []
 
