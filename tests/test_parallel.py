@@ -28,8 +28,10 @@ INF = math.inf
 BASE = {
     "lean_inf": SpeCaConfig(cache="lean", warmup_steps=2, max_spec=3, tau0=INF, tau_min=INF),
     "module_inf": SpeCaConfig(cache="module", warmup_steps=2, max_spec=3, tau0=INF, tau_min=INF),
-    # The token-subset check: one draw over the whole clip, each rank running its shard's part.
-    "subset_inf": SpeCaConfig(cache="lean", warmup_steps=2, max_spec=3, tau0=INF, tau_min=INF, verify_tokens=0.25),
+    # The default preset's checks: the last block's and the first block's on the real latent, on a token subset
+    # (one draw over the whole clip, each rank running its shard's part).
+    "subset_inf": SpeCaConfig(cache="lean", warmup_steps=2, max_spec=3, tau0=INF, tau_min=INF, verify_tokens=0.25,
+                              verify_first=True),
 }
 CALIBRATED_FROM = {"lean_tau": "lean_inf", "module_tau": "module_inf", "cfg_lean_tau": "cfg_lean_inf",
                    "odd_module_tau": "odd_module_inf", "subset_tau": "subset_inf", "cfg_joint_tau": "cfg_joint_inf"}
