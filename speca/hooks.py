@@ -256,16 +256,21 @@ def _sample_partials(session: SpeCaSession, checks: list[tuple[torch.Tensor, tor
     """
     samples = sorted(set(row_samples))
     rows = {(c, s): i for i, (c, s) in enumerate(zip(row_contexts, row_samples))}
-    guided = session.config.cfg_branches == "guided" and all(("cond", s) in rows and ("uncond", s) in rows
+    cond_name, uncond_name = session.family.cfg_contexts
+    guided = session.config.cfg_branches == "guided" and all((cond_name, s) in rows and (uncond_name, s) in rows
                                                              for s in samples)
+    if session.config.cfg_branches == "guided" and not guided and len(set(row_contexts)) > 1:
+        raise RuntimeError(f"SpeCa cfg_branches='guided': the CFG calls ran in cache contexts "
+                           f"{sorted(set(row_contexts))}, not {session.family.name}'s {cond_name!r} / "
+                           f"{uncond_name!r}; the guided prediction needs both")
     if guided and session.guidance_scale is None:
         raise RuntimeError("SpeCa cfg_branches='guided' needs the CFG scale: call session.set_guidance_scale(scale) "
                            "before generating (the batch job's engine does)")
     out = []
     for drafted, real in checks:
         if guided:
-            cond = torch.tensor([rows["cond", s] for s in samples], device=drafted.device)
-            uncond = torch.tensor([rows["uncond", s] for s in samples], device=drafted.device)
+            cond = torch.tensor([rows[cond_name, s] for s in samples], device=drafted.device)
+            uncond = torch.tensor([rows[uncond_name, s] for s in samples], device=drafted.device)
             w = session.guidance_scale
             drafted, real = ((x[uncond] + w * (x[cond] - x[uncond])) for x in (drafted, real))
             out.append(error_partials(drafted, real, session.config.metric))

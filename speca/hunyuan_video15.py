@@ -31,6 +31,7 @@ FAMILY = register(FamilySpec(
     batched_args=("hidden_states", "timestep", "timestep_r", *TEXT_ARGS, "image_embeds"),
     branch_args=TEXT_ARGS,
     head=head,
+    cfg_contexts=("pred_cond", "pred_uncond"),
 ))
 
 

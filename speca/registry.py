@@ -90,6 +90,8 @@ class FamilySpec:
             (`SpeCaConfig.signal="prediction"`); None: the family has no such check.
         layers: per block list, the transformer-config key holding its length (e.g. `"num_layers"`),
             for sizes computed from a config alone (`cache_bytes`).
+        cfg_contexts: the cache contexts of its pipeline's conditional and unconditional calls, for
+            `SpeCaConfig.cfg_branches="guided"` (diffusers' HunyuanVideo: "cond" / "uncond").
     """
 
     name: str
@@ -102,6 +104,7 @@ class FamilySpec:
     branch_args: tuple[str, ...] = ()
     head: Callable[[torch.nn.Module, torch.Tensor, dict], torch.Tensor] | None = None
     layers: tuple[str, ...] = ("num_layers",)
+    cfg_contexts: tuple[str, str] = ("cond", "uncond")
 
     def list_specs(self) -> list[BlockSpec]:
         """The spec of each block list's blocks, in `block_lists` order (one block class per list)."""

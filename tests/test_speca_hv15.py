@@ -162,3 +162,28 @@ def test_token_subset_rule_follows_the_tokens(pipe):
         stale = block(**{**rule(bound, sub), "freqs_cis": bound["freqs_cis"]})[0]
     assert torch.allclose(reordered, full.flip(1), rtol=1e-5, atol=1e-6)
     assert not torch.allclose(stale, full.flip(1), rtol=1e-3, atol=1e-4)
+
+
+def _guided_errors(pipe, scale, branches="guided") -> list[list[float]]:
+    session = apply_speca(pipe, SpeCaConfig(tau0=math.inf, tau_min=math.inf, warmup_steps=2, max_spec=3,
+                                            cfg_branches=branches, signal="prediction"))
+    session.set_guidance_scale(scale)
+    try:
+        call(pipe, [0, 1], True, output_type="latent")
+        return [s.errors for s in session.stats()]
+    finally:
+        disable_speca(pipe)
+
+
+def test_guided_check_pairs_the_guiders_calls(pipe):
+    """The guider's calls run in contexts `pred_cond` / `pred_uncond`: the guided check finds them. Every draft is
+    accepted, so the trajectory is the same whatever is checked: at scale 1 the guided prediction is the cond
+    branch's, what the leader's own check reads; at 6 it is neither that nor both branches' errors pooled."""
+    leader = _guided_errors(pipe, None, "leader")
+    pooled = _guided_errors(pipe, 6.0, "pooled")
+    cond = _guided_errors(pipe, 1.0)
+    guided = _guided_errors(pipe, 6.0)
+    for lead, p, c, g in zip(leader, pooled, cond, guided):
+        assert len(lead) == len(p) == len(c) == len(g) > 0
+        assert c == pytest.approx(lead, rel=1e-4)
+        assert all(abs(x - y) > 1e-3 * y and abs(x - z) > 1e-3 * z for x, y, z in zip(g, p, lead))
