@@ -167,6 +167,8 @@ PRESETS: dict[str, SpeCaConfig] = {
     # turned. Without the first-block check no setting kept every clip above 26 dB at >= 2.5x (one broke at
     # 16-17 dB from a draft accepted at step 5 whatever the threshold, warm-up or CFG check). Chaotic clips make
     # the threshold non-monotonic: 0.010 (2.72x) let one clip fall to 20.4 dB that 0.009 and 0.011 kept.
+    # On bench.caching's 48 evaluation prompts it is not above the floor: one three-object clip falls to 22.1 dB
+    # from a draft accepted at step 5 (bench/results/speca_divergence.md says why and what would change it).
     # HunyuanVideo only (the token-subset rule).
     "default": SpeCaConfig(order=1, cache="lean", tau0=0.009, beta=8.0, tau_min=0.0, metric="rel_l1",
                            signal="output", cfg_branches="leader", verify_first=True, verify_tokens=0.125,
