@@ -37,8 +37,8 @@ from pathlib import Path
 import pyarrow as pa
 import ray
 
+from pipeline.cli import add_model_arguments, model_config_from_args, speca_config_from_args
 from pipeline.config import InvalidRequest, with_token_budget
-from pipeline.generate import add_model_arguments, model_config_from_args, speca_config_from_args
 from pipeline.loading import read_model_info
 from pipeline.parallel.config import ParallelConfig
 from pipeline.stats import STATS_SCHEMA
