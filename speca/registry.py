@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from importlib import import_module
 
 import torch
 
@@ -160,12 +161,23 @@ def register(family: FamilySpec) -> FamilySpec:
     return family
 
 
+def _families() -> list[FamilySpec]:
+    """The registered families, the package's own first, in `FAMILY_MODULES` order (`speca/__init__.py`).
+
+    Each family module registers its `FAMILY` when imported; `import speca` imports none of them (so that
+    `speca.config` loads no torch or diffusers), and a lookup imports them all first, whichever came first.
+    """
+    own = [import_module(f"{__package__}.{name}").FAMILY for name in import_module(__package__).FAMILY_MODULES]
+    rank = {id(family): i for i, family in enumerate(own)}
+    return sorted(_FAMILIES, key=lambda family: rank.get(id(family), len(own)))
+
+
 def supported() -> list[str]:
-    return [f"{f.name} ({f.model_class.__name__})" for f in _FAMILIES]
+    return [f"{f.name} ({f.model_class.__name__})" for f in _families()]
 
 
 def family_for(transformer) -> FamilySpec:
-    for family in _FAMILIES:
+    for family in _families():
         if isinstance(transformer, family.model_class):
             return family
     raise TypeError(f"SpeCa does not support {type(transformer).__name__}; supported families: "
