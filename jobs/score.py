@@ -40,7 +40,6 @@ import pandas as pd
 import pyarrow as pa
 
 from pipeline.loading import bundled_model_dir
-from pipeline.quality import psnr, ssim, temporal_flickering
 from pipeline.stats import SampleStats, from_table, read_stats
 from pipeline.storage import Storage, StorageError
 from pipeline.tiny.worlds import World, world_of
@@ -153,6 +152,8 @@ def _device_seconds(s: SampleStats, ranks: int) -> float:
 
 def score_run(args) -> dict:
     """Score one run; returns the summary written to report/scores.json."""
+    from pipeline.quality import psnr, ssim, temporal_flickering  # torch: the job's driver imports this module
+
     if args.gallery < 0:
         raise ScoreError(f"--gallery {args.gallery}: expected 0 (no gallery) or a positive number of clips")
     dims = parse_dimensions(args.dimensions)

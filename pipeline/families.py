@@ -19,8 +19,10 @@ which has none.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # annotations only: reading a model's configs (`pipeline.loading.read_model_info`) needs no torch
+    import torch
 
 Reader = Callable[[str], dict | None]  # file in the model folder -> its JSON (None when absent)
 

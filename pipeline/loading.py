@@ -21,7 +21,7 @@ _MASK_FREE_HINT = "use 'native' (PyTorch SDPA), '_native_cudnn', '_native_effici
 
 
 def bundled_model_dir() -> Path:
-    from .tiny.build import BUNDLED_MODEL_DIR
+    from .tiny import BUNDLED_MODEL_DIR
 
     return BUNDLED_MODEL_DIR
 

@@ -26,12 +26,7 @@ import numpy as np
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel, PreTrainedTokenizerFast
 
-from . import world, world_v2
-
-# Where the committed models live, inside the package so a plain install carries them: the bundled
-# default (recipe v2) and the first bundled model (v1), which the v1 benchmark results were measured on.
-BUNDLED_MODEL_DIR = Path(__file__).resolve().parent / "model"
-V1_MODEL_DIR = Path(__file__).resolve().parent / "model_v1"
+from . import BUNDLED_MODEL_DIR, V1_MODEL_DIR, world, world_v2  # noqa: F401  (the committed models' folders)
 BUNDLED_RECIPE = "v2"
 
 TRANSFORMER_CONFIG = dict(
