@@ -63,6 +63,13 @@ class SpeCaConfig:
         max_error_sum: a per-sample quality floor: a speculative run ends (full step) once the
             errors accepted since the last full step, plus this one, reach this sum; small errors
             that each pass add up along a run of drafts.
+        draft_gate: a per-sample curvature gate: at each full step the model's prediction is also
+            drafted from the full steps before it (free: the draft of a latent-sized tensor) and
+            compared with the real one, over every CFG branch; that error, divided by the draft's
+            Newton remainder factor `prod(step - node) / (order + 1)!` (so it reads as a one-step draft's
+            error whatever the gap), must be below this for the sample to draft before its next full
+            step. It measures what the sampler steps with, where the checks (one block, residual stream,
+            one branch) read several times lower while the trajectory bends (inf: no gate).
         warmup_steps: the first steps always run in full.
         reject_hold: after a rejected draft, the sample runs this many more steps in full before it
             drafts again: a sample whose drafts fail is one whose trajectory is bending, and the next
@@ -86,6 +93,7 @@ class SpeCaConfig:
     verify_first: bool = False
     verify_tokens: float = 1.0
     max_error_sum: float = math.inf
+    draft_gate: float = math.inf
     warmup_steps: int = 3
     reject_hold: int = 0
     min_spec: int = 0
@@ -114,9 +122,10 @@ class SpeCaConfig:
             bad("verify_tokens", v, "a share of the image tokens in (0, 1]")
         if v < 1 and self.cache != "lean":
             bad("verify_tokens", v, "1 with cache='module' (a token-subset check needs the lean cache)")
-        v = self.max_error_sum
-        if not isinstance(v, (int, float)) or math.isnan(v) or v <= 0:
-            bad("max_error_sum", v, "a number > 0 (inf: no floor)")
+        for name in ("max_error_sum", "draft_gate"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or math.isnan(v) or v <= 0:
+                bad(name, v, "a number > 0 (inf: none)")
         for name in ("tau0", "tau_min"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or math.isnan(v) or v < 0:

@@ -2,7 +2,8 @@
 
 For each sample independently, at every step:
   * `F` full step: warm-up, final steps, no full step yet, `max_spec` speculative steps in a
-    row already, or within `reject_hold` steps after a rejected draft;
+    row already, within `reject_hold` steps after a rejected draft, or while the curvature its
+    last full step showed is at or above `draft_gate`;
   * otherwise speculate: draft every feature, recompute one block on the drafted input, and
     accept (`S`) when the error is below the threshold and the run's accumulated error stays
     under `max_error_sum` (or the run is still within `min_spec`);
@@ -55,6 +56,7 @@ class SampleRecord:
     pattern: list[str] = field(default_factory=list)
     errors: list[float] = field(default_factory=list)  # one per speculative step (S or R)
     thresholds: list[float] = field(default_factory=list)
+    curvature: list[float] = field(default_factory=list)  # per full step with a lookback (see draft_gate)
     blocks_run: int = 0  # transformer blocks executed in full, all passes together
     blocks_total: int = 0  # blocks a no-cache run would have executed
 
@@ -90,6 +92,7 @@ class StepController:
         self.run = [0] * batch_size
         self.run_error = [0.0] * batch_size  # errors accepted since the last full step
         self.hold_until = [-1] * batch_size  # full steps up to this one (after a rejected draft)
+        self.lookback: dict[int, tuple[int, float, float]] = {}  # sample -> (full step, error sums over branches)
         self.records = [SampleRecord() for _ in range(batch_size)]
         self.decisions: dict[int, tuple[list[bool], list[bool]]] = {}  # step -> (speculate, accepted)
 
@@ -98,7 +101,28 @@ class StepController:
         c = self.config
         forced = step < c.warmup_steps or step >= self.num_steps - c.final_full_steps
         return [not forced and self.last_full[b] >= 0 and self.run[b] < c.max_spec and step > self.hold_until[b]
-                for b in range(len(self.run))]
+                and self.curvature(b) < c.draft_gate for b in range(len(self.run))]
+
+    def note_lookback(self, step: int, partials: dict[int, tuple[float, float]]) -> None:
+        """A full step's lookback, per sample: the (numerator, denominator) of its prediction's draft error,
+        already divided by the draft's remainder factor; every CFG branch's call at one step adds to the same
+        sums."""
+        for b, (num, den) in partials.items():
+            at, n, d = self.lookback.get(b, (-1, 0.0, 0.0))
+            self.lookback[b] = (step, num, den) if at != step else (step, n + num, d + den)
+            rec = self.records[b]
+            value = self.curvature(b)
+            if at == step:
+                rec.curvature[-1] = value
+            else:
+                rec.curvature.append(value)
+
+    def curvature(self, b: int) -> float:
+        """The sample's one-step draft error at its last full step with a lookback (0 before any)."""
+        _, num, den = self.lookback.get(b, (-1, 0.0, 0.0))
+        if den <= 0:
+            return 0.0
+        return (num / den) ** 0.5 if self.config.metric == "rel_l2" else num / den
 
     def decide(self, step: int, speculate: list[bool], errors: dict[int, float]) -> list[bool]:
         """Accept or reject each speculating sample; `errors` maps sample -> error."""

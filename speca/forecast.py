@@ -12,6 +12,8 @@ are kept per sample and updates touch only the rows that ran in full.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -65,6 +67,17 @@ class NewtonForecaster:
             w = torch.where(have, weight, torch.zeros_like(weight)).to(out.device, out.dtype)
             out = out + coef[i][rows] * w.view(-1, *([1] * (out.dim() - 1)))
         return out
+
+    def has(self, key: str) -> bool:
+        return key in self._coef
+
+    def remainder_factor(self, rows: torch.Tensor, step: int) -> torch.Tensor:
+        """Per sample, `prod(step - node) / (order + 1)!` over the order + 1 last full steps: how a
+        draft's error to `step` scales with its distance from the nodes (Newton's remainder), 1 for a
+        one-step draft from consecutive full steps; NaN where a node is missing."""
+        gaps = step - self.nodes[rows]
+        factor = gaps.prod(dim=1) / math.factorial(self.order + 1)
+        return torch.where((self.nodes[rows] >= 0).all(dim=1), factor, torch.full_like(factor, math.nan))
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for c in self._coef.values() for t in c)

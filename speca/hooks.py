@@ -19,6 +19,7 @@ rows share one error and one decision. Every context keeps its own feature cache
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -36,6 +37,7 @@ from .registry import BlockSpec, FamilySpec, TokenSubset, family_for, token_subs
 _ROOT_HOOK = "speca_root"
 _BLOCK_HOOK = "speca_block"
 _NO_CONTEXT = "default"  # calls made outside any `cache_context` (e.g. DiTPipeline) share this state
+_PREDICTION = "prediction"  # the forecaster's key for the model's output (the draft gate's lookback)
 
 
 class _ContextState(BaseState):
@@ -293,6 +295,40 @@ def _decide(session: SpeCaSession, step: int, speculate: list[bool], row_samples
     return session.controller.decide(step, speculate, dict(zip(samples, errors)))
 
 
+@torch.compiler.disable
+def _lookback(session: SpeCaSession, step: int, full_out: torch.Tensor, full_rows: list[int], contexts: list,
+              row_sample: list[int], batch: int) -> None:
+    """The draft gate's signal, at a full step: each row's prediction drafted from its earlier full steps
+    against the real one, the error divided by the draft's remainder factor; a sample's rows (its CFG
+    branches) summed, over every rank; then the real prediction joins the forecaster's nodes."""
+    metric = session.config.metric
+    power = 2 if metric == "rel_l2" else 1
+    sums: dict[int, torch.Tensor] = {}
+    for i, (_, state, _) in enumerate(contexts):
+        pos = [j for j, r in enumerate(full_rows) if i * batch <= r < (i + 1) * batch]
+        if not pos:
+            continue
+        rows = torch.tensor([full_rows[j] - i * batch for j in pos])
+        real = full_out[torch.tensor(pos, device=full_out.device)]
+        forecaster = state.forecaster
+        if forecaster.has(_PREDICTION):
+            factor = forecaster.remainder_factor(rows, step)
+            partials = error_partials(forecaster.predict(_PREDICTION, rows, step), real, metric).cpu()
+            for j, f in zip(pos, factor.tolist()):
+                if not math.isnan(f):
+                    b = row_sample[full_rows[j]]
+                    row = partials[pos.index(j)] * torch.tensor([1.0 / f ** power, 1.0], dtype=torch.float64)
+                    sums[b] = sums[b] + row if b in sums else row
+        forecaster.update(_PREDICTION, rows, step, real)
+    if not sums:
+        return
+    samples = sorted(sums)
+    partials = torch.stack([sums[b] for b in samples])
+    if session.error_reduce is not None:
+        partials = session.error_reduce(partials.to(full_out.device)).cpu()
+    session.controller.note_lookback(step, {b: (float(p[0]), float(p[1])) for b, p in zip(samples, partials)})
+
+
 def _samples_per_call(rows: list[int], row_sample: list[int], batch: int) -> list[int]:
     """Each sample once per context whose call `rows` cover: a concatenated CFG batch's rows of one sample
     are one call's worth of compute for it, as each context's call counts one call in the total."""
@@ -393,6 +429,8 @@ class _SpeCaRootHook(ModelHook):
         full_rows = [r for r in rows if not (speculate[row_sample[r]] and accepted[row_sample[r]])]
         if full_rows:
             full_out, _, blocks = self._pass(module, joint, "full", full_rows, step, contexts, batch)
+            if s.config.draft_gate < math.inf:
+                _lookback(s, step, full_out, full_rows, contexts, row_sample, batch)
             for _, state, _ in contexts:
                 state.forecaster.commit(step)
             ctrl.count_blocks(_samples_per_call(full_rows, row_sample, batch), blocks, 0)

@@ -80,6 +80,41 @@ def test_reject_hold_keeps_a_failing_sample_full():
     assert [r.step_pattern for r in c.records] == ["FFSSSFSSSFSS", "FFRFFRFFSSSF"]
 
 
+def test_remainder_factor_reads_a_quadratic_alike_at_any_gap():
+    """An order-1 draft of a quadratic misses by its curvature times Newton's remainder; divided by
+    `remainder_factor`, the miss is the same whatever the gaps between the nodes and the target."""
+    a = torch.tensor([[0.5], [-2.0]], dtype=torch.float64)
+    readings = []
+    for nodes, target in (([0, 1], 2), ([0, 1], 5), ([2, 6], 7), ([1, 4], 11)):
+        fc = NewtonForecaster(1, batch_size=2)
+        for t in nodes:
+            fc.update("x", torch.tensor([0, 1]), t, a * t ** 2 + 3.0 * t)
+            fc.commit(t)
+        rows = torch.tensor([0, 1])
+        miss = (a * target ** 2 + 3.0 * target) - fc.predict("x", rows, target)
+        readings.append(miss.squeeze(1) / fc.remainder_factor(rows, target))
+    assert all(torch.allclose(r, readings[0]) for r in readings) and not torch.allclose(readings[0][0], readings[0][1])
+    fc = NewtonForecaster(1, batch_size=1)
+    fc.update("x", torch.tensor([0]), 0, torch.zeros(1, 1))
+    fc.commit(0)
+    assert math.isnan(fc.remainder_factor(torch.tensor([0]), 3).item())  # one node: no order-1 draft to read
+
+
+def test_draft_gate_keeps_a_bending_sample_full():
+    """A sample drafts only while its last full step's lookback reads under `draft_gate`; the CFG branches'
+    lookbacks at one step pool (their sums add), a later full step's replaces them."""
+    c = StepController(SpeCaConfig(warmup_steps=1, tau0=math.inf, tau_min=math.inf, draft_gate=0.05), 2, 10)
+    assert c.plan(0) == [False, False]
+    c.decide(0, [False, False], {})
+    c.note_lookback(0, {0: (0.02, 1.0), 1: (0.01, 1.0)})
+    c.note_lookback(0, {0: (0.18, 1.0)})  # sample 0's other branch bends: (0.02 + 0.18) / 2 = 0.1
+    assert c.plan(1) == [False, True]
+    c.decide(1, [False, True], {1: 0.0})
+    c.note_lookback(1, {0: (0.03, 1.0)})
+    assert c.plan(2) == [True, True]
+    assert c.records[0].curvature == pytest.approx([0.1, 0.03]) and c.records[1].curvature == pytest.approx([0.01])
+
+
 def test_threshold_decays_geometrically_to_its_floor():
     cfg = SpeCaConfig(tau0=0.8, beta=0.25, tau_min=0.0)
     assert cfg.threshold(0, 10) == 0.8 and cfg.threshold(10, 10) == pytest.approx(0.2)  # tau0, then tau0 * beta
@@ -120,6 +155,7 @@ def test_error_is_relative_and_per_sample(metric):
     (dict(order=5), "order"), (dict(cache="disk"), "cache"), (dict(metric="l3"), "metric"),
     (dict(beta=0.0), "beta"), (dict(tau0=-1.0), "tau0"), (dict(max_spec=0), "max_spec"),
     (dict(min_spec=9, max_spec=8), "min_spec"), (dict(warmup_steps=-1), "warmup_steps"),
+    (dict(draft_gate=0.0), "draft_gate"),
 ])
 def test_config_validation_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"SpeCaConfig.{field}="):

@@ -461,3 +461,51 @@ def test_check_options_are_refused_where_they_cannot_run(tiny_pipe):
     apply_speca(tiny_pipe, SpeCaConfig(warmup_steps=1, **JOINT))  # and no set_guidance_scale
     with pytest.raises(RuntimeError, match="cfg_branches='guided' needs the CFG scale"):
         run(tiny_pipe, [0], cfg=True)
+
+
+def test_draft_gate_decides_per_sample_and_alike_in_a_batch(tiny_pipe, monkeypatch):
+    """The gate reads each sample's curvature over both CFG calls at every full step, without touching the
+    result; at a middle reading it keeps steps full that the (unbounded) checks would draft, differently
+    per sample, and each sample's steps and latents in the batch equal its own run's; near zero every step
+    runs in full, equal to the uncached run."""
+    notes, readings = [], {}
+    original = StepController.note_lookback
+
+    def note(self, step, partials):
+        original(self, step, partials)
+        notes.append(step)
+        readings.update({(step, b): self.curvature(b) for b in partials})
+
+    monkeypatch.setattr(StepController, "note_lookback", note)
+    idx = [0, 1, 2]
+    base = run(tiny_pipe, idx, cfg=True)
+    cfg = SpeCaConfig(tau0=math.inf, tau_min=math.inf, warmup_steps=3, max_spec=4)
+    session = apply_speca(tiny_pipe, cfg)
+    ungated = run(tiny_pipe, idx, cfg=True)
+    open_patterns = [s.step_pattern for s in session.stats()]
+    disable_speca(tiny_pipe)
+    session = apply_speca(tiny_pipe, cfg.replace(draft_gate=1e9))  # reads, never blocks
+    assert torch.equal(run(tiny_pipe, idx, cfg=True), ungated)
+    assert [s.step_pattern for s in session.stats()] == open_patterns
+    full = [i for i, c in enumerate(open_patterns[0]) if c == "F" and i >= 2]  # two full steps before: a lookback
+    assert notes == [i for i in full for _ in range(2)]  # the cond call's, then the uncond call's
+
+    values = sorted(readings.values())
+    # Between two middle readings, where they lie furthest apart: clear of the batch's rounding.
+    k = max(range(len(values) // 4, 3 * len(values) // 4), key=lambda j: values[j + 1] / values[j])
+    disable_speca(tiny_pipe)
+    session = apply_speca(tiny_pipe, cfg.replace(draft_gate=(values[k] * values[k + 1]) ** 0.5))
+    batch = run(tiny_pipe, idx, cfg=True)
+    patterns = [s.step_pattern for s in session.stats()]
+    assert patterns != open_patterns and len(set(patterns)) > 1
+    for i in idx:
+        alone = run(tiny_pipe, [i], cfg=True)
+        assert session.stats()[0].step_pattern == patterns[i]
+        # 5e-5: true CFG (scale 4) amplifies the rounding that differs between batch sizes.
+        assert ((batch[i] - alone[0]).abs().max() / alone.abs().max()).item() <= 5e-5
+
+    disable_speca(tiny_pipe)
+    session = apply_speca(tiny_pipe, cfg.replace(draft_gate=1e-9))
+    out = run(tiny_pipe, idx, cfg=True)
+    assert [s.step_pattern for s in session.stats()] == ["F" * STEPS] * 3
+    assert (out - base).abs().max().item() <= 1e-6 * base.abs().max().item()
