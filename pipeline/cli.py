@@ -36,6 +36,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--speca-cache", choices=["module", "lean"], help="override the preset's cache granularity")
     s.add_argument("--speca-tau0", type=float, help="override the preset's initial threshold")
     s.add_argument("--speca-max-spec", type=int, help="override the preset's maximum speculative run")
+    s.add_argument("--speca-draft-gate", type=float,
+                   help="override the preset's curvature gate (a sample drafts only while its last full step's "
+                        "one-step prediction draft was within this; lower = more full steps on bending clips)")
     p = parser.add_argument_group("sequence parallelism (ranks = ulysses x ring)")
     p.add_argument("--ulysses-degree", type=int, default=1, help="all-to-all (head-sharded) degree")
     p.add_argument("--ring-degree", type=int, default=1, help="ring attention degree")
@@ -55,5 +58,6 @@ def speca_config_from_args(args: argparse.Namespace) -> SpeCaConfig | None:
     if args.speca == "off":
         return None
     overrides = {k: v for k, v in (("cache", args.speca_cache), ("tau0", args.speca_tau0),
-                                   ("max_spec", args.speca_max_spec)) if v is not None}
+                                   ("max_spec", args.speca_max_spec), ("draft_gate", args.speca_draft_gate))
+                 if v is not None}
     return SpeCaConfig.from_name(args.speca, **overrides)
