@@ -71,7 +71,8 @@ def model(ranks: list[int], batch: int, tflops: float) -> dict:
         flops_video = flops_pass * STEPS * CALLS
         for k in ranks:
             local = math.ceil(video / k)
-            cache = family.estimate_cache_bytes(tconfig, preset, local, text, batch=batch, contexts=CALLS)
+            cache = family.estimate_cache_bytes(tconfig, preset, local, text, batch=batch, contexts=CALLS,
+                                                clip_tokens=video)
             activations = batch * 2 * (local + text) * hidden * (4 * 2 + 6)
             comm = transformer_comm_bytes(tconfig, video, text, ulysses_degree=k, batch=batch).total if k > 1 else 0
             common = weights["transformer"] + weights["vae"] + cache + activations

@@ -138,7 +138,8 @@ def model(ranks: int, batch: int, encode_s: float | None) -> dict:
 
     # Memory per rank, bytes (bf16 weights and activations).
     weights = {k: 2 * v for k, v in params.items()}
-    cache = estimate_cache_bytes(tconfig, SpeCaConfig.from_name("default"), per_rank_tokens, TEXT_TOKENS, batch=batch)
+    cache = estimate_cache_bytes(tconfig, SpeCaConfig.from_name("default"), per_rank_tokens, TEXT_TOKENS, batch=batch,
+                                 clip_tokens=tokens)
     hidden = int(tconfig["num_attention_heads"]) * int(tconfig["attention_head_dim"])
     activations = batch * 2 * (per_rank_tokens + TEXT_TOKENS) * hidden * (4 * 2 + 6)  # MLP 4x in and out + a few
     decoded_video = batch * 2 * 3 * FRAMES * HEIGHT * WIDTH

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import math
+
 from bench.method import Method
 from speca import SpeCaConfig
 
@@ -14,6 +16,8 @@ REFERENCE_THRESHOLDS = (0.25, 0.5, 1.0)  # the paper's preset at three tau0
 V1_DEFAULT = SpeCaConfig(order=1, cache="lean", tau0=0.006, beta=16.0, signal="output", cfg_branches="leader",
                          verify_tokens=1.0, warmup_steps=3, max_spec=8)
 SPECA_ABLATIONS = [  # (key, what changes against the default preset, SpeCaConfig changes)
+    ("no-gate", "no curvature gate (the default's per-sample signal from its full steps' own predictions)",
+     dict(draft_gate=math.inf)),
     ("no-first-block", "no first-block check on the real latent (the default's per-sample difficulty signal)",
      dict(verify_first=False)),
     ("full-check", "the checks on every video token (the default checks 1/8 of them)", dict(verify_tokens=1.0)),

@@ -168,18 +168,19 @@ PRESETS: dict[str, SpeCaConfig] = {
     # Our default, tuned on the bundled model v2 (12 blocks, 50 steps, CFG 6) on the first 96 calibration prompts
     # of bench.caching (never its evaluation prompts): bench/results/speca_tuning_v2.md. A lean cache; two checks,
     # each on 1/8 of the video tokens (plus the text tokens): the last block's drafted output against its real
-    # output, and the first block run for real on the latent the step starts from (`verify_first`), the
-    # per-sample difficulty signal: a clip whose latent has left the drafted trajectory fails the second while
-    # its self-consistent drafts pass the first, so chaotic clips get more full steps (up to 20 of 50) and calm
-    # ones fewer. Threshold 0.009 -> 0.072 over the run, 3 warm-up steps, the cond branch deciding for both.
-    # On those prompts: 2.58x fewer FLOPs, mean / worst PSNR 41.3 / 27.4 dB, no clip under 26 dB, one verdict
-    # turned. Without the first-block check no setting kept every clip above 26 dB at >= 2.5x (one broke at
-    # 16-17 dB from a draft accepted at step 5 whatever the threshold, warm-up or CFG check). Chaotic clips make
-    # the threshold non-monotonic: 0.010 (2.72x) let one clip fall to 20.4 dB that 0.009 and 0.011 kept.
-    # On bench.caching's 48 evaluation prompts it is not above the floor: one three-object clip falls to 22.1 dB
-    # from a draft accepted at step 5 (bench/results/speca_divergence.md says why and what would change it).
+    # output, and the first block run for real on the latent the step starts from (`verify_first`: a clip whose
+    # latent has left the drafted trajectory fails it while its self-consistent drafts pass the first). And the
+    # curvature gate (`draft_gate` 0.04): a sample drafts only while its last full step's own prediction, drafted
+    # from the full steps before, was within 4% per step of the real one over both CFG branches, so a clip whose
+    # trajectory still bends (three objects, two moving: early readings 2-3x a calm clip's) stays full until it
+    # settles, where the checks (one block, one branch, the residual stream) read 12x under the guided error.
+    # Threshold 0.012 -> 0.096 over the run, 3 warm-up steps, the cond branch deciding for both.
+    # On those prompts: 2.82x fewer FLOPs, mean / worst PSNR 39.5 / 29.9 dB, no clip under 26 dB, no verdict
+    # turned. Around it (gate 0.04): threshold 0.009 kept every clip and verdict at 2.55x, 0.010 and 0.011 each
+    # turned one verdict (clips at ~29 dB), 0.014 lost a clip (21.7 dB); without the gate, the same checks at 0.009
+    # gave 2.58x with a worst clip of 27.4 dB here and lost a clip (22.1 dB) on the evaluation prompts.
     # HunyuanVideo only (the token-subset rule).
-    "default": SpeCaConfig(order=1, cache="lean", tau0=0.009, beta=8.0, tau_min=0.0, metric="rel_l1",
+    "default": SpeCaConfig(order=1, cache="lean", tau0=0.012, beta=8.0, tau_min=0.0, metric="rel_l1",
                            signal="output", cfg_branches="leader", verify_first=True, verify_tokens=0.125,
-                           warmup_steps=3, max_spec=8),
+                           draft_gate=0.04, warmup_steps=3, max_spec=8),
 }

@@ -42,7 +42,10 @@ def text_tokens(mllm_tokens: int = 1000, glyph_tokens: int = 256, image_tokens: 
 
 
 def estimate_cache_bytes(transformer_config, config: SpeCaConfig, video_tokens: int, text_tokens: int,
-                         batch: int = 1, dtype_bytes: int = 2, contexts: int = 1) -> int:
+                         batch: int = 1, dtype_bytes: int = 2, contexts: int = 1,
+                         clip_tokens: int | None = None) -> int:
     """Feature-cache bytes SpeCa holds for a batch (per rank under sequence parallelism: the rank's video
-    tokens); `contexts` = 2 with CFG. The layout is the hooks' (`FamilySpec.cache_bytes`)."""
-    return FAMILY.cache_bytes(transformer_config, config, video_tokens, text_tokens, batch, dtype_bytes, contexts)
+    tokens; with a draft gate the whole clip's in `clip_tokens`); `contexts` = 2 with CFG. The layout is the
+    hooks' (`FamilySpec.cache_bytes`)."""
+    return FAMILY.cache_bytes(transformer_config, config, video_tokens, text_tokens, batch, dtype_bytes, contexts,
+                              clip_tokens)

@@ -8,6 +8,8 @@ duck-typing attribute names.
 
 from __future__ import annotations
 
+import math
+
 import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -115,7 +117,7 @@ class FamilySpec:
         return specs
 
     def cache_bytes(self, transformer_config, config, image_tokens: int, text_tokens: int = 0, batch: int = 1,
-                    dtype_bytes: int = 2, contexts: int = 1) -> int:
+                    dtype_bytes: int = 2, contexts: int = 1, clip_tokens: int | None = None) -> int:
         """Feature-cache bytes SpeCa's hooks (`speca/hooks.py`) hold for a batch of `batch` rows, from the
         transformer config alone; `contexts` = 2 with true CFG (cond and uncond keep separate caches); under
         sequence parallelism pass one rank's image tokens. Each term is kept for `order + 1` steps:
@@ -124,7 +126,9 @@ class FamilySpec:
                 `verify_first` the first block's image stream out (`first.out`); with `verify_tokens` < 1
                 each check's subset out instead (`sub.out`, and `first.sub` for `first.out`);
         module: every captured module output of every block (`BlockSpec.captures`) over the tokens of the
-                streams it spans (`BlockSpec.spans`).
+                streams it spans (`BlockSpec.spans`);
+        and with a `draft_gate` the model's prediction (`prediction`), over the whole clip's image tokens
+        (`clip_tokens`, default `image_tokens`: every rank gets the gathered output).
         """
         specs = self.list_specs()
 
@@ -139,7 +143,13 @@ class FamilySpec:
         else:
             per_step = sum(int(transformer_config.get(key, 0) or 0) * tokens(spec, spec.spans.get(k, (spec.image,)))
                            for key, spec in zip(self.layers, specs) for keys in spec.captures.values() for k in keys)
-        return (config.order + 1) * per_step * hidden_size(transformer_config) * batch * dtype_bytes * contexts
+        per_step *= hidden_size(transformer_config)
+        if config.draft_gate < math.inf:
+            c = transformer_config
+            per_token = (int(c.get("out_channels") or c["in_channels"]) * int(c.get("patch_size") or 1) ** 2
+                         * int(c.get("patch_size_t") or 1))
+            per_step += (image_tokens if clip_tokens is None else clip_tokens) * per_token
+        return (config.order + 1) * per_step * batch * dtype_bytes * contexts
 
     def iter_blocks(self, transformer) -> list[tuple[torch.nn.Module, BlockSpec]]:
         out = []

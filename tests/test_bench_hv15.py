@@ -19,8 +19,10 @@ def test_report(tmp_path):
     assert (rows["480p", 1]["video_tokens"], rows["720p", 1]["video_tokens"]) == (49_290, 111_600)
     one, eight = rows["720p", 1], rows["720p", 8]
     # The default preset's lean cache, both CFG contexts, this rank's tokens: the family's own estimate.
-    expected = family.estimate_cache_bytes({"num_attention_heads": 16, "attention_head_dim": 128},
-                                           SpeCaConfig.from_name("default"), 13_950, 1985, contexts=2)
+    expected = family.estimate_cache_bytes({"num_attention_heads": 16, "attention_head_dim": 128, "out_channels": 32,
+                                            "patch_size": 1, "patch_size_t": 1},
+                                           SpeCaConfig.from_name("default"), 13_950, 1985, contexts=2,
+                                           clip_tokens=111_600)
     assert eight["tokens_per_rank"] == 13_950 and eight["cache_gb"] == pytest.approx(expected / 1e9, rel=1e-12)
     assert one["pflops_per_video"] == pytest.approx(632.47, rel=1e-4)  # 100 passes of 54 blocks over 113,585 tokens
     assert eight["seconds_lower_bound"] == pytest.approx(one["seconds_lower_bound"] / 8)

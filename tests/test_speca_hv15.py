@@ -81,14 +81,16 @@ def test_default_checks_at_threshold_zero_equal_no_speca(pipe, cfg):
 
 
 def test_default_preset_runs_and_an_accepting_threshold_saves_compute(pipe):
-    """The default preset runs on 1.5 (its subset checks need the family's token-subset rule); a threshold that
-    accepts every draft saves compute and changes the output."""
+    """The default preset runs on 1.5 (its subset checks need the family's token-subset rule); a threshold and a
+    curvature gate that accept every draft (this random model's trajectories bend more than the gate allows)
+    save compute and change the output."""
     base = call(pipe, [0, 3], True, output_type="latent")
     session = apply_speca(pipe, SpeCaConfig.from_name("default"))
     call(pipe, [0, 3], True, output_type="latent")
     assert all(s.step_pattern.startswith("FFF") and len(s.step_pattern) == 8 for s in session.stats())
     disable_speca(pipe)
-    session = apply_speca(pipe, SpeCaConfig.from_name("default", tau0=math.inf, tau_min=math.inf))
+    session = apply_speca(pipe, SpeCaConfig.from_name("default", tau0=math.inf, tau_min=math.inf,
+                                                             draft_gate=math.inf))
     out = call(pipe, [0, 3], True, output_type="latent")
     stats = session.stats()
     assert all(s.accepted > 0 and s.compute_ratio < 0.75 for s in stats)
