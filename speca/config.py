@@ -179,6 +179,8 @@ PRESETS: dict[str, SpeCaConfig] = {
     # turned. Around it (gate 0.04): threshold 0.009 kept every clip and verdict at 2.55x, 0.010 and 0.011 each
     # turned one verdict (clips at ~29 dB), 0.014 lost a clip (21.7 dB); without the gate, the same checks at 0.009
     # gave 2.58x with a worst clip of 27.4 dB here and lost a clip (22.1 dB) on the evaluation prompts.
+    # On bench.caching's 48 evaluation prompts (run after): 2.79x, worst 30.1 dB, no structural failure; without
+    # the gate 2.92x with 3 clips under 26 dB (bench/results/caching.md).
     # HunyuanVideo only (the token-subset rule).
     "default": SpeCaConfig(order=1, cache="lean", tau0=0.012, beta=8.0, tau_min=0.0, metric="rel_l1",
                            signal="output", cfg_branches="leader", verify_first=True, verify_tokens=0.125,
