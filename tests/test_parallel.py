@@ -215,6 +215,10 @@ def test_cache_bytes_shrink_with_degree(world, reference):
     for (u, r, name), res in ranks[0]["runs"].items():
         if name in SPECA and name not in ODD_LATENT:
             single, local = reference[name]["cache_bytes"], res["cache_bytes"]
+            if {**BASE, **CALIBRATION}[CALIBRATED_FROM.get(name, name)].draft_gate < INF:
+                # The draft gate's prediction is the gathered output, whole on every rank: less than n.
+                assert 1 < single / local < n, ((u, r, name), single, local)
+                continue
             # Video shards shrink by n; the replicated 16 text tokens do not.
             assert 0.8 * n <= single / local <= n, ((u, r, name), single, local)
             checked += 1
