@@ -106,6 +106,7 @@ class _Pass:
     step: int
     checks: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (drafted, real) per check
     blocks: float = 0.0  # blocks executed, a token-subset run counted as its share of a block's FLOPs
+    checking: bool = True  # False: a context that never decides (a follower under cfg_branches="leader") runs no check
 
     def record(self, key: str, value: torch.Tensor) -> None:
         start = 0
@@ -416,8 +417,15 @@ class _SpeCaRootHook(ModelHook):
         rows = range(len(row_sample))
         draft_rows = [r for r in rows if speculate[row_sample[r]] and (leader or accepted[row_sample[r]])]
         out = None
+        # Under cfg_branches="leader" only the leading context's checks decide: a follower's call runs no check
+        # block and keeps no check nodes (its drafts are the leader's verdict applied to its own cache).
+        keeps_checks = name == s.leader or s.config.cfg_branches != "leader"
+        if leader and not keeps_checks:
+            raise RuntimeError(f"SpeCa cfg_branches='leader': context {name!r} reached step {step} before the "
+                               f"leading context {s.leader!r}; the CFG calls must come in the same order every step")
         if draft_rows:
-            draft_out, checks, blocks = self._pass(module, joint, "draft", draft_rows, step, contexts, batch)
+            draft_out, checks, blocks = self._pass(module, joint, "draft", draft_rows, step, contexts, batch,
+                                                   leader)
             ctrl.count_blocks(_samples_per_call(draft_rows, row_sample, batch), blocks, 0)
             if leader:
                 accepted = _decide(s, step, speculate, [row_sample[r] for r in draft_rows],
@@ -428,7 +436,8 @@ class _SpeCaRootHook(ModelHook):
             accepted = ctrl.decide(step, speculate, {})
         full_rows = [r for r in rows if not (speculate[row_sample[r]] and accepted[row_sample[r]])]
         if full_rows:
-            full_out, _, blocks = self._pass(module, joint, "full", full_rows, step, contexts, batch)
+            full_out, _, blocks = self._pass(module, joint, "full", full_rows, step, contexts, batch,
+                                             keeps_checks)
             if s.config.draft_gate < math.inf:
                 _lookback(s, step, full_out, full_rows, contexts, row_sample, batch)
             for _, state, _ in contexts:
@@ -460,9 +469,10 @@ class _SpeCaRootHook(ModelHook):
                 out[k] = torch.cat([v.expand(batch, *v.shape[1:]) for v in values])
         return out
 
-    def _pass(self, module, a: dict, mode: str, rows: list[int], step: int, contexts: list, batch: int
-              ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]], float]:
-        """The model's forward on `rows` of the (joint) batch; row r is row r % batch of context r // batch."""
+    def _pass(self, module, a: dict, mode: str, rows: list[int], step: int, contexts: list, batch: int,
+              checking: bool) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]], float]:
+        """The model's forward on `rows` of the (joint) batch; row r is row r % batch of context r // batch.
+        `checking`: the pass runs the checks (a draft pass) or keeps their nodes (a full pass)."""
         kwargs = dict(a)
         total = batch * len(contexts)
         if len(rows) != total:
@@ -476,7 +486,7 @@ class _SpeCaRootHook(ModelHook):
             mine = [r - i * batch for r in rows if i * batch <= r < (i + 1) * batch]
             if mine:
                 segments.append(_Segment(state.forecaster, torch.tensor(mine)))
-        current = _Pass(mode, segments, step)
+        current = _Pass(mode, segments, step, checking=checking)
         self.active.current = current
         try:
             out = self.fn_ref.original_forward(**kwargs, return_dict=False)[0]
@@ -539,11 +549,13 @@ class _SpeCaBlockHook(ModelHook):
                     p.record(f"in.{name}", value)
                 out = run()
                 p.record("out", spec.unpack(out)[image])
-                if subset:
+                if subset and p.checking:
                     p.record("sub.out", run_subset()[2])
                 return out
             if lean and self.is_first_check:
                 out = run()
+                if not p.checking:
+                    return out
                 if subset:
                     p.record("first.sub", run_subset()[2])
                 else:
@@ -552,6 +564,8 @@ class _SpeCaBlockHook(ModelHook):
             return run()
         # Draft pass.
         if lean:
+            if self.is_first_check and not p.checking:
+                return spec.pack(streams)
             if self.is_first_check:  # the real latent through the first block, against its draft
                 if subset:
                     sub, x, real = run_subset()
@@ -566,6 +580,8 @@ class _SpeCaBlockHook(ModelHook):
             if not self.is_verify:
                 return run()
             drafted_in = {name: p.draft(f"in.{name}") for name in spec.streams}
+            if subset and not p.checking:
+                return spec.pack({**drafted_in, image: p.draft("out")})
             if subset:
                 sub, x, real = run_subset(drafted_in)
                 p.checks.append(self.session.check_pair(p.draft("sub.out"), real, x, call.arguments, True, sub))

@@ -124,7 +124,8 @@ class FamilySpec:
 
         lean:   the verified block's input streams (`in.<stream>`) and its image stream out (`out`); with
                 `verify_first` the first block's image stream out (`first.out`); with `verify_tokens` < 1
-                each check's subset out instead (`sub.out`, and `first.sub` for `first.out`);
+                each check's subset out instead (`sub.out`, and `first.sub` for `first.out`); the check
+                terms in the deciding context only under `cfg_branches="leader"` (a follower runs no check);
         module: every captured module output of every block (`BlockSpec.captures`) over the tokens of the
                 streams it spans (`BlockSpec.spans`);
         and with a `draft_gate` the model's prediction (`prediction`), over the whole clip's image tokens
@@ -138,18 +139,21 @@ class FamilySpec:
         if config.cache == "lean":
             last = specs[-1]
             checked = image_tokens if config.verify_tokens >= 1 else subset_size(image_tokens, config.verify_tokens)
-            per_step = (tokens(last, last.streams) + image_tokens + (checked if config.verify_first else 0)
-                        + (checked if config.verify_tokens < 1 else 0))
+            per_step = (tokens(last, last.streams) + image_tokens) * contexts
+            checks = (checked if config.verify_first else 0) + (checked if config.verify_tokens < 1 else 0)
+            per_step += checks * (1 if config.cfg_branches == "leader" else contexts)
         else:
-            per_step = sum(int(transformer_config.get(key, 0) or 0) * tokens(spec, spec.spans.get(k, (spec.image,)))
-                           for key, spec in zip(self.layers, specs) for keys in spec.captures.values() for k in keys)
+            per_step = contexts * sum(int(transformer_config.get(key, 0) or 0)
+                                      * tokens(spec, spec.spans.get(k, (spec.image,)))
+                                      for key, spec in zip(self.layers, specs) for keys in spec.captures.values()
+                                      for k in keys)
         per_step *= hidden_size(transformer_config)
         if config.draft_gate < math.inf:
             c = transformer_config
             per_token = (int(c.get("out_channels") or c["in_channels"]) * int(c.get("patch_size") or 1) ** 2
                          * int(c.get("patch_size_t") or 1))
-            per_step += (image_tokens if clip_tokens is None else clip_tokens) * per_token
-        return (config.order + 1) * per_step * batch * dtype_bytes * contexts
+            per_step += (image_tokens if clip_tokens is None else clip_tokens) * per_token * contexts
+        return (config.order + 1) * per_step * batch * dtype_bytes
 
     def iter_blocks(self, transformer) -> list[tuple[torch.nn.Module, BlockSpec]]:
         out = []

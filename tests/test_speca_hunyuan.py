@@ -222,12 +222,15 @@ def test_disable_restores_bit_identical_output(tiny_pipe):
         apply_speca(tiny_pipe, SpeCaConfig())
 
 
-@pytest.mark.parametrize("cache,gate", [("lean", math.inf), ("module", math.inf), ("lean", 1e9)])
-def test_cache_bytes_estimate_matches_the_cache(tiny_pipe, cache, gate):
-    """The estimate from the config alone equals the bytes the hooks held (with a draft gate: the prediction too)."""
+@pytest.mark.parametrize("cache,gate,checks", [("lean", math.inf, {}), ("module", math.inf, {}), ("lean", 1e9, {}),
+                                               ("lean", math.inf, {"verify_first": True, "verify_tokens": 0.5})])
+def test_cache_bytes_estimate_matches_the_cache(tiny_pipe, cache, gate, checks):
+    """The estimate from the config alone equals the bytes the hooks held (with a draft gate: the prediction too;
+    with token-subset checks under cfg_branches="leader": the check nodes in the cond context only, as the uncond
+    call runs no check)."""
     from speca.hunyuan_video import estimate_cache_bytes
 
-    cfg = SpeCaConfig(cache=cache, order=2, draft_gate=gate)
+    cfg = SpeCaConfig(cache=cache, order=2, draft_gate=gate, **checks)
     session = apply_speca(tiny_pipe, cfg)
     run(tiny_pipe, [0, 1, 2], cfg=True)
     measured = session.stats()[0].cache_bytes
