@@ -21,8 +21,10 @@ SPECA_ABLATIONS = [  # (key, what changes against the default preset, SpeCaConfi
     ("no-first-block", "no first-block check on the real latent (the default's per-sample difficulty signal)",
      dict(verify_first=False)),
     ("full-check", "the checks on every video token (the default checks 1/8 of them)", dict(verify_tokens=1.0)),
-    ("lenient-late", "a threshold 16x looser at the end than at the start, not 8x (the v1-tuned schedule's shape)",
+    ("lenient-late", "a threshold 16x looser at the end than at the start, not 10x (the v1-tuned schedule's shape)",
      dict(beta=16.0)),
+    ("beta-8", "a threshold 8x looser at the end than at the start, not 10x (the default until 2026-12-06)",
+     dict(beta=8.0)),
     ("paper-schedule", "the paper's threshold direction, lenient early and strict late (0.05 -> 0.025)",
      dict(tau0=0.05, beta=0.5, tau_min=0.02)),
     ("pooled-cfg", "both CFG branches in one pass and their errors pooled (the default checks the cond branch, "

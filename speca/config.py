@@ -174,15 +174,13 @@ PRESETS: dict[str, SpeCaConfig] = {
     # from the full steps before, was within 4% per step of the real one over both CFG branches, so a clip whose
     # trajectory still bends (three objects, two moving: early readings 2-3x a calm clip's) stays full until it
     # settles, where the checks (one block, one branch, the residual stream) read 12x under the guided error.
-    # Threshold 0.012 -> 0.096 over the run, 3 warm-up steps, the cond branch deciding for both.
-    # On those prompts: 2.82x fewer FLOPs, mean / worst PSNR 39.5 / 29.9 dB, no clip under 26 dB, no verdict
-    # turned. Around it (gate 0.04): threshold 0.009 kept every clip and verdict at 2.55x, 0.010 and 0.011 each
-    # turned one verdict (clips at ~29 dB), 0.014 lost a clip (21.7 dB); without the gate, the same checks at 0.009
-    # gave 2.58x with a worst clip of 27.4 dB here and lost a clip (22.1 dB) on the evaluation prompts.
-    # On bench.caching's 48 evaluation prompts (run after): 2.79x, worst 30.1 dB, no structural failure; without
-    # the gate 2.92x with 3 clips under 26 dB (bench/results/caching.md).
+    # Threshold 0.012 -> 0.12 over the run (beta 10), 3 warm-up steps, the cond branch deciding for both (the
+    # uncond call runs no check). On those prompts: 3.05x fewer FLOPs, worst clip 28.6 dB, no clip under 26 dB, no
+    # verdict turned. Around it: beta 8 (the default until 2026-12-06) 2.92x, worst 29.9 dB; beta 12 and 14 (3.14x,
+    # 3.23x) each turned a shape verdict (one clip at 26.8-28.0 dB); threshold 0.014 at beta 8 lost a clip (21.7 dB);
+    # without the gate, the same checks lost a clip on the evaluation prompts (22.1 dB).
     # HunyuanVideo only (the token-subset rule).
-    "default": SpeCaConfig(order=1, cache="lean", tau0=0.012, beta=8.0, tau_min=0.0, metric="rel_l1",
+    "default": SpeCaConfig(order=1, cache="lean", tau0=0.012, beta=10.0, tau_min=0.0, metric="rel_l1",
                            signal="output", cfg_branches="leader", verify_first=True, verify_tokens=0.125,
                            draft_gate=0.04, warmup_steps=3, max_spec=8),
 }
