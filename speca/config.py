@@ -179,6 +179,8 @@ PRESETS: dict[str, SpeCaConfig] = {
     # verdict turned. Around it: beta 8 (the default until 2026-12-06) 2.92x, worst 29.9 dB; beta 12 and 14 (3.14x,
     # 3.23x) each turned a shape verdict (one clip at 26.8-28.0 dB); threshold 0.014 at beta 8 lost a clip (21.7 dB);
     # without the gate, the same checks lost a clip on the evaluation prompts (22.1 dB).
+    # On bench.caching's 48 evaluation prompts (run after): 3.04x, worst 30.1 dB, wall 84% of the FLOPs speedup, one
+    # count verdict turned (a single square at 38.5 dB); beta 8 2.89x with none (bench/results/caching.md).
     # HunyuanVideo only (the token-subset rule).
     "default": SpeCaConfig(order=1, cache="lean", tau0=0.012, beta=10.0, tau_min=0.0, metric="rel_l1",
                            signal="output", cfg_branches="leader", verify_first=True, verify_tokens=0.125,
