@@ -457,6 +457,26 @@ def test_joint_cfg_refuses_a_branch_with_other_inputs(tiny_pipe):
                     transformer(hidden_states=x, **args)
 
 
+def test_leader_cfg_refuses_a_follower_that_comes_first(tiny_pipe):
+    """Under cfg_branches='leader' the uncond call runs no check and keeps no check nodes, so an uncond call that
+    reaches a step before the cond call (the leading context) is refused rather than deciding without them."""
+    transformer = tiny_pipe.transformer
+    session = apply_speca(transformer, SpeCaConfig(warmup_steps=1, verify_first=True, verify_tokens=0.5))
+    session.begin(4)
+    embeds, pooled, mask = tiny_pipe.encode_prompt(prompt=PROMPTS[:1], prompt_template=TEMPLATE,
+                                                   max_sequence_length=16, device="cpu")
+    x = torch.randn(1, transformer.config.in_channels, 5, 8, 8, generator=torch.Generator().manual_seed(0))
+    args = dict(hidden_states=x, timestep=torch.tensor([900.0]), encoder_hidden_states=embeds,
+                encoder_attention_mask=mask, pooled_projections=pooled, guidance=torch.tensor([6000.0]),
+                return_dict=False)
+    with torch.no_grad():
+        for name in ("cond", "uncond"):
+            with transformer.cache_context(name):
+                transformer(**args)
+        with transformer.cache_context("uncond"), pytest.raises(RuntimeError, match="'uncond' reached step 1 before"):
+            transformer(**args)
+
+
 def test_check_options_are_refused_where_they_cannot_run(tiny_pipe):
     with pytest.raises(ValueError, match="signal='prediction' needs the verified block to be the last one"):
         apply_speca(tiny_pipe, SpeCaConfig(signal="prediction", verify_block=0))
