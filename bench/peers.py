@@ -105,7 +105,7 @@ FIRST_BLOCK_CACHE = (0.02, 0.023, 0.026, 0.03, 0.04)  # thresholds: 1.01x at 0.0
 # TaylorSeerCache, full and lite: (cache interval, share of the steps run in full before caching starts). Full mode
 # left the floor when caching started at step 3 (1.36x, worst 21.8 dB) and kept 46.6 dB from step 10 (1.28x).
 # Lite mode from step 10 holds the floor at N=4 (2.50x) on the evaluation prompts; N=5 (2.78x) and N=6 (2.94x) are the
-# steps past it (worst 24.8 and 21.9 dB on the first 48 calibration prompts).
+# steps past it (worst 24.8 and 21.9 dB on the first 48 calibration prompts: `--prompt-set calibration --prompts 48`).
 TAYLORSEER = ((2, 0.8), (2, 0.2), (3, 0.2), (4, 0.2), (2, 0.06))
 TAYLORSEER_LITE = ((2, 0.8), (2, 0.2), (4, 0.2), (5, 0.2), (6, 0.2), (8, 0.2), (2, 0.06))
 # MagCache: (threshold, max_skip_steps, retention_ratio). diffusers' default 3 skips cap it near 2.5x; longer skips
