@@ -23,15 +23,17 @@ SPECA_ABLATIONS = [  # (key, what changes against the default preset, SpeCaConfi
     ("full-check", "the checks on every video token (the default checks 1/8 of them)", dict(verify_tokens=1.0)),
     ("lenient-late", "a threshold 16x looser at the end than at the start, not 10x (the v1-tuned schedule's shape)",
      dict(beta=16.0)),
-    ("beta-8", "a threshold 8x looser at the end than at the start, not 10x (the default until 2026-12-06)",
-     dict(beta=8.0)),
+    ("beta-8", "a threshold 8x looser at the end than at the start, not 10x", dict(beta=8.0)),
     ("paper-schedule", "the paper's threshold direction, lenient early and strict late (0.05 -> 0.025)",
      dict(tau0=0.05, beta=0.5, tau_min=0.02)),
     ("pooled-cfg", "both CFG branches in one pass and their errors pooled (the default checks the cond branch, "
      "which decides for both)", dict(cfg_branches="pooled")),
     ("guided-cfg", "both CFG branches in one pass, the check on the guided prediction (thresholds x10: the "
      "prediction's error, amplified by the CFG scale)", "guided"),
-    ("reject-hold", "after a rejected draft, 2 more steps in full", dict(reject_hold=2)),
+    ("no-early-hold", "no full step held after a draft rejected in the first 30% of the run (the default until "
+     "2026-12-06)", dict(reject_hold=0)),
+    ("hold-all-run", "a full step held after every rejected draft, not only in the first 30% of the run",
+     dict(reject_hold_until=1.0)),
     ("delta", "checks the verified block's own update, not its output (thresholds x6: errors undiluted)", "delta"),
     ("floor", "accumulated-error floor: a run of drafts ends when its errors sum to 0.05", dict(max_error_sum=0.05)),
     ("order-2", "order-2 drafts", dict(order=2)),

@@ -74,6 +74,9 @@ class SpeCaConfig:
         reject_hold: after a rejected draft, the sample runs this many more steps in full before it
             drafts again: a sample whose drafts fail is one whose trajectory is bending, and the next
             draft, from nodes that close together, is accepted by a check that underrates it.
+        reject_hold_until: the share of the run, from its start, in which `reject_hold` applies (1 = all
+            of it). While a clip's layout forms, the drafts after a rejection can send it to another scene
+            whose checks read as a calm clip's; later, a rejection only ends a run of drafts.
         min_spec: the first `min_spec` speculative steps after a full step are accepted without the
             check (their errors are still recorded).
         max_spec: a full step is forced after `max_spec` speculative steps in a row.
@@ -96,6 +99,7 @@ class SpeCaConfig:
     draft_gate: float = math.inf
     warmup_steps: int = 3
     reject_hold: int = 0
+    reject_hold_until: float = 1.0
     min_spec: int = 0
     max_spec: int = 8
     final_full_steps: int = 0
@@ -136,6 +140,9 @@ class SpeCaConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
                 bad(name, v, "an integer >= 0")
+        v = self.reject_hold_until
+        if not isinstance(v, (int, float)) or not 0 < v <= 1:
+            bad("reject_hold_until", v, "a share of the run in (0, 1]")
         if not isinstance(self.max_spec, int) or self.max_spec < 1:
             bad("max_spec", self.max_spec, "an integer >= 1")
         if self.min_spec > self.max_spec:
@@ -165,28 +172,24 @@ PRESETS: dict[str, SpeCaConfig] = {
     # per-module cache.
     "reference": SpeCaConfig(order=1, cache="module", tau0=1.0, beta=0.1, tau_min=0.1,
                              metric="rel_l1_elementwise", warmup_steps=1, min_spec=4, max_spec=12),
-    # Our default, tuned on the bundled model v2 (12 blocks, 50 steps, CFG 6) on the first 96 calibration prompts
-    # of bench.caching (never its evaluation prompts): bench/results/speca_tuning_v2.md. A lean cache; two checks,
-    # each on 1/8 of the video tokens (plus the text tokens): the last block's drafted output against its real
-    # output, and the first block run for real on the latent the step starts from (`verify_first`: a clip whose
-    # latent has left the drafted trajectory fails it while its self-consistent drafts pass the first). And the
-    # curvature gate (`draft_gate` 0.04): a sample drafts only while its last full step's own prediction, drafted
-    # from the full steps before, was within 4% per step of the real one over both CFG branches, so a clip whose
-    # trajectory still bends (three objects, two moving: early readings 2-3x a calm clip's) stays full until it
-    # settles, where the checks (one block, one branch, the residual stream) read 12x under the guided error.
-    # Threshold 0.012 -> 0.12 over the run (beta 10), 3 warm-up steps, the cond branch deciding for both (the
-    # uncond call runs no check). On those prompts: 3.05x fewer FLOPs, worst clip 28.6 dB, no clip under 26 dB, no
-    # verdict turned. Around it: beta 8 (the default until 2026-12-06) 2.92x, worst 29.9 dB; beta 12 and 14 (3.14x,
-    # 3.23x) each turned a shape verdict (one clip at 26.8-28.0 dB); threshold 0.014 at beta 8 lost a clip (21.7 dB);
-    # without the gate, the same checks lost a clip on the evaluation prompts (22.1 dB).
-    # On bench.caching's 48 evaluation prompts (run after): 3.04x, worst 30.1 dB, wall 84% of the FLOPs speedup, one
-    # count verdict turned (a single square at 38.5 dB); beta 8 2.89x with none (bench/results/caching.md).
-    # Checked after on 96 more calibration prompts (192 in all): 3.03x, 2 structural failures of 192 (a clip that
-    # switches scenes at step 13, 18.1 dB, which 8 of 11 settings around it lose, and a motion verdict that turns
-    # under nearly every setting, at up to 45.5 dB); no setting around it keeps every clip above 26 dB there, and
-    # without the gate (or at 0.05-0.06) two more clips fall under 20 dB, so the gate rests on calibration prompts.
+    # Our default, tuned on the bundled model v2 (12 blocks, 50 steps, CFG 6) on 192 calibration prompts of
+    # bench.caching (never its evaluation prompts): bench/results/speca_tuning_v2.md. A lean cache; two checks, each
+    # on 1/8 of the video tokens (plus the text tokens): the last block's drafted output against its real output,
+    # and the first block run for real on the latent the step starts from (`verify_first`: a clip whose latent has
+    # left the drafted trajectory fails it while its self-consistent drafts pass the first). The curvature gate
+    # (`draft_gate` 0.04): a sample drafts only while its last full step's own prediction, drafted from the full
+    # steps before, was within 4% per step of the real one over both CFG branches, so a clip whose trajectory still
+    # bends stays full until it settles (without it, or at 0.05-0.06, calibration clips 123 and 127 fall to 18.6 and
+    # 21.5 dB). The early hold (`reject_hold` 1 in the run's first 30%): a draft rejected while the layout forms is
+    # followed by one more full step, since the drafts right after it can send a clip to another scene while its
+    # checks read as a calm clip's (clip 159, 18.1 dB without it, lost by 8 of 11 settings of the other options).
+    # Threshold 0.012 -> 0.12 over the run (beta 10), 3 warm-up steps, the cond branch deciding for both (the uncond
+    # call runs no check). On those prompts: 2.83x fewer FLOPs, no clip under 26 dB (worst 26.7), one structural
+    # failure (a motion verdict that turns under nearly every setting and the best peer, up to 45.5 dB: the
+    # scorer's). Without the early hold (the default until 2026-12-06) 3.03x, one clip at 18.1 dB and 2 failures;
+    # no other setting tried (gate, threshold, its growth, warm-up 10) keeps every clip above 26 dB there.
     # HunyuanVideo only (the token-subset rule).
     "default": SpeCaConfig(order=1, cache="lean", tau0=0.012, beta=10.0, tau_min=0.0, metric="rel_l1",
                            signal="output", cfg_branches="leader", verify_first=True, verify_tokens=0.125,
-                           draft_gate=0.04, warmup_steps=3, max_spec=8),
+                           draft_gate=0.04, warmup_steps=3, reject_hold=1, reject_hold_until=0.3, max_spec=8),
 }

@@ -2,8 +2,8 @@
 
 For each sample independently, at every step:
   * `F` full step: warm-up, final steps, no full step yet, `max_spec` speculative steps in a
-    row already, within `reject_hold` steps after a rejected draft, or while the curvature its
-    last full step showed is at or above `draft_gate`;
+    row already, within `reject_hold` steps after a draft rejected in the run's first
+    `reject_hold_until`, or while the curvature its last full step showed is at or above `draft_gate`;
   * otherwise speculate: draft every feature, recompute one block on the drafted input, and
     accept (`S`) when the error is below the threshold and the run's accumulated error stays
     under `max_error_sum` (or the run is still within `min_spec`);
@@ -147,7 +147,7 @@ class StepController:
                 self.run_error[b] += errors[b]
             else:
                 self.records[b].pattern.append(REJECTED if spec else FULL)
-                if spec:
+                if spec and step < self.config.reject_hold_until * self.num_steps:
                     self.hold_until[b] = step + self.config.reject_hold
                 self.run[b] = 0
                 self.run_error[b] = 0.0

@@ -80,6 +80,17 @@ def test_reject_hold_keeps_a_failing_sample_full():
     assert [r.step_pattern for r in c.records] == ["FFSSSFSSSFSS", "FFRFFRFFSSSF"]
 
 
+def test_reject_hold_applies_only_in_the_first_share_of_the_run():
+    """`reject_hold_until` limits the hold to drafts rejected in the run's first share: the same failing
+    sample is held after its rejections before step 6 of 12 and drafts again right after the later ones."""
+    cfg = SpeCaConfig(warmup_steps=2, max_spec=3, tau0=0.5, beta=1.0, reject_hold=2, reject_hold_until=0.5)
+    c = StepController(cfg, batch_size=1, num_steps=12)
+    for step in range(12):
+        spec = c.plan(step)
+        c.decide(step, spec, {0: 10.0} if spec[0] else {})
+    assert c.records[0].step_pattern == "FFRFFRFFRRRR"
+
+
 def test_remainder_factor_reads_a_quadratic_alike_at_any_gap():
     """An order-1 draft of a quadratic misses by its curvature times Newton's remainder; divided by
     `remainder_factor`, the miss is the same whatever the gaps between the nodes and the target."""
@@ -155,7 +166,7 @@ def test_error_is_relative_and_per_sample(metric):
     (dict(order=5), "order"), (dict(cache="disk"), "cache"), (dict(metric="l3"), "metric"),
     (dict(beta=0.0), "beta"), (dict(tau0=-1.0), "tau0"), (dict(max_spec=0), "max_spec"),
     (dict(min_spec=9, max_spec=8), "min_spec"), (dict(warmup_steps=-1), "warmup_steps"),
-    (dict(draft_gate=0.0), "draft_gate"),
+    (dict(draft_gate=0.0), "draft_gate"), (dict(reject_hold_until=1.5), "reject_hold_until"),
 ])
 def test_config_validation_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"SpeCaConfig.{field}="):
