@@ -30,8 +30,10 @@ SPECA_ABLATIONS = [  # (key, what changes against the default preset, SpeCaConfi
      "which decides for both)", dict(cfg_branches="pooled")),
     ("guided-cfg", "both CFG branches in one pass, the check on the guided prediction (thresholds x10: the "
      "prediction's error, amplified by the CFG scale)", "guided"),
-    ("no-early-hold", "no full step held after a draft rejected in the first 30% of the run (the default until "
-     "2026-12-06)", dict(reject_hold=0)),
+    ("no-late-scale", "the first-block check held to the threshold all run, not 1.5x it from 40% of the run (the "
+     "default until 2026-12-07)", dict(verify_first_scale=1.0)),
+    ("no-early-hold", "no full step held after a draft rejected in the first 30% of the run (the hold came into the "
+     "default on 2026-12-06)", dict(reject_hold=0)),
     ("hold-all-run", "a full step held after every rejected draft, not only in the first 30% of the run",
      dict(reject_hold_until=1.0)),
     ("delta", "checks the verified block's own update, not its output (thresholds x6: errors undiluted)", "delta"),

@@ -42,10 +42,13 @@ def error_partials(draft: torch.Tensor, real: torch.Tensor, metric: str) -> torc
     return torch.stack(parts, dim=1)
 
 
-def error_from_partials(partials: torch.Tensor, metric: str) -> list[float]:
-    """Per-sample error from (B, 2k) partials of k checks: the largest of the k ratios."""
+def error_from_partials(partials: torch.Tensor, metric: str, scales: list[float] | None = None) -> list[float]:
+    """Per-sample error from (B, 2k) partials of k checks: the largest of the k ratios, each divided by its
+    check's scale (its threshold's multiple) when `scales` is given."""
     num, den = partials[:, 0::2], partials[:, 1::2].clamp(min=1e-30)
     err = (num / den).sqrt() if metric == "rel_l2" else num / den
+    if scales is not None:
+        err = err / torch.tensor(scales, dtype=err.dtype, device=err.device)
     return err.amax(dim=1).tolist()
 
 

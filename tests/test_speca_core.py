@@ -167,6 +167,7 @@ def test_error_is_relative_and_per_sample(metric):
     (dict(beta=0.0), "beta"), (dict(tau0=-1.0), "tau0"), (dict(max_spec=0), "max_spec"),
     (dict(min_spec=9, max_spec=8), "min_spec"), (dict(warmup_steps=-1), "warmup_steps"),
     (dict(draft_gate=0.0), "draft_gate"), (dict(reject_hold_until=1.5), "reject_hold_until"),
+    (dict(verify_first_scale=0.0), "verify_first_scale"), (dict(verify_first_scale_from=-0.1), "verify_first_scale_from"),
 ])
 def test_config_validation_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"SpeCaConfig.{field}="):

@@ -326,6 +326,20 @@ def test_first_block_check_sees_the_real_latent(tiny_pipe, verify_tokens):
     assert moved[1] > 3 * calm[1]  # step 4: the first block's input is the new latent
 
 
+def test_first_block_check_scale_applies_from_its_share(tiny_pipe):
+    """`verify_first_scale` divides the first-block check's reading from `verify_first_scale_from` of the run
+    on: with a latent that left the drafted trajectory, a huge scale from step 6 of 12 leaves the steps before
+    as the first block read them and the steps after as the last block's check alone reads them."""
+    always = dict(tau0=math.inf, tau_min=math.inf, warmup_steps=3, max_spec=STEPS)
+    plain = _check_errors(tiny_pipe, SpeCaConfig(**always), perturb_at=3)
+    first = _check_errors(tiny_pipe, SpeCaConfig(verify_first=True, **always), perturb_at=3)
+    late = _check_errors(tiny_pipe, SpeCaConfig(verify_first=True, verify_first_scale=1e9, verify_first_scale_from=0.5,
+                                                **always), perturb_at=3)
+    assert late[:3] == pytest.approx(first[:3], rel=1e-9)  # steps 3-5 (drafts from step 3 on)
+    assert late[3:] == pytest.approx(plain[3:], rel=1e-9)
+    assert min(f / p for f, p in zip(first[3:], plain[3:])) > 1.5  # the first block's reading decided there
+
+
 def test_delta_signal_is_not_diluted_by_the_residual_stream(tiny_pipe):
     """Same drafts, same differences; the delta signal divides by the block's update, which is smaller
     than the stream it is added to, so its errors are larger at every speculative step."""
