@@ -204,6 +204,8 @@ PRESETS: dict[str, SpeCaConfig] = {
     # the scorer's). Without the late scale (the default until 2026-12-07) 2.83x, worst 26.7, mean 38.4; without the
     # early hold too (until 2026-12-06) 3.03x, one clip at 18.1 dB and 2 failures; no other setting tried (gate,
     # threshold, its growth, a threshold floor, warm-up 10) keeps every clip above 26 dB there.
+    # On bench.caching's 48 evaluation prompts (run after): 3.05x, worst 28.0 dB, mean 35.0, no structural failure,
+    # wall 84% of the FLOPs speedup; without the late scale 2.85x, worst 31.1, mean 38.2 (bench/results/caching.md).
     # HunyuanVideo only (the token-subset rule).
     "default": SpeCaConfig(order=1, cache="lean", tau0=0.012, beta=10.0, tau_min=0.0, metric="rel_l1",
                            signal="output", cfg_branches="leader", verify_first=True, verify_tokens=0.125,
