@@ -165,6 +165,13 @@ class SpeCaConfig:
     def threshold(self, step: int, num_steps: int) -> float:
         return max(self.tau0 * self.beta ** (step / max(num_steps, 1)), self.tau_min)
 
+    def check_scales(self, step: int, num_steps: int, checks: int) -> list[float] | None:
+        """Per check of a draft, the multiple of the threshold it passes under (None: all 1); the first-block
+        check runs first."""
+        if not self.verify_first or checks < 2 or step < self.verify_first_scale_from * num_steps:
+            return None
+        return [self.verify_first_scale] + [1.0] * (checks - 1)
+
     def replace(self, **changes) -> "SpeCaConfig":
         return replace(self, **changes)
 

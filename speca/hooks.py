@@ -292,10 +292,9 @@ def _decide(session: SpeCaSession, step: int, speculate: list[bool], row_samples
     samples, partials = _sample_partials(session, checks, row_samples, row_contexts)
     if session.error_reduce is not None:
         partials = session.error_reduce(partials)
-    c, checks_run = session.config, partials.shape[1] // 2
-    late = c.verify_first and checks_run > 1 and step >= c.verify_first_scale_from * session.controller.num_steps
-    scales = [c.verify_first_scale] + [1.0] * (checks_run - 1) if late and c.verify_first_scale != 1 else None
-    errors = error_from_partials(partials, c.metric, scales)  # the first block's check runs first
+    c = session.config
+    scales = c.check_scales(step, session.controller.num_steps, partials.shape[1] // 2)
+    errors = error_from_partials(partials, c.metric, scales)
     return session.controller.decide(step, speculate, dict(zip(samples, errors)))
 
 
