@@ -64,6 +64,12 @@ class SpeCaConfig:
             attention shrinks quadratically). Under sequence parallelism the subset is still one draw
             over the whole clip (each rank runs its shard's part), so decisions equal one process's.
             Families without a token-subset rule refuse it.
+        draft_shrink: the drafted stream the model's output is built from (with a token-subset check, the
+            stream leaving the verified block) takes its draft polynomial's i-th term times `draft_shrink ** i`:
+            below 1 the draft is pulled from Newton's extrapolation toward the last full step's value, as
+            HiCache's contraction factor does (arXiv 2508.16984). First-order extrapolation over a run of drafts
+            overshoots where the features' trajectory flattens; the checks still compare Newton's drafts, so what
+            accepts a draft is unchanged and only what the sampler steps with moves.
         max_error_sum: a per-sample quality floor: a speculative run ends (full step) once the
             errors accepted since the last full step, plus this one, reach this sum; small errors
             that each pass add up along a run of drafts.
@@ -101,6 +107,7 @@ class SpeCaConfig:
     verify_first_scale: float = 1.0
     verify_first_scale_from: float = 0.0
     verify_tokens: float = 1.0
+    draft_shrink: float = 1.0
     max_error_sum: float = math.inf
     draft_gate: float = math.inf
     warmup_steps: int = 3
@@ -138,6 +145,12 @@ class SpeCaConfig:
             bad("verify_tokens", v, "a share of the image tokens in (0, 1]")
         if v < 1 and self.cache != "lean":
             bad("verify_tokens", v, "1 with cache='module' (a token-subset check needs the lean cache)")
+        v = self.draft_shrink
+        if not isinstance(v, (int, float)) or not 0 <= v <= 1:
+            bad("draft_shrink", v, "a number in [0, 1]")
+        if v < 1 and self.verify_tokens == 1:
+            bad("draft_shrink", v, "1 without a token-subset check (verify_tokens < 1): only there is the stream the "
+                                   "output is built from a draft")
         for name in ("max_error_sum", "draft_gate"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or math.isnan(v) or v <= 0:

@@ -53,8 +53,9 @@ class NewtonForecaster:
         shifted[:, 0] = step
         self.nodes[rows] = shifted
 
-    def predict(self, key: str, rows: torch.Tensor, step: int) -> torch.Tensor:
-        """Extrapolate feature `key` to `step` for samples `rows`."""
+    def predict(self, key: str, rows: torch.Tensor, step: int, shrink: float = 1.0) -> torch.Tensor:
+        """Extrapolate feature `key` to `step` for samples `rows`; `shrink` < 1 scales the polynomial's
+        i-th term by `shrink ** i`, pulling the draft toward the last full step's value."""
         if key not in self._coef:
             raise KeyError(f"SpeCa has no cached value for {key!r}: a speculative step came before any full step")
         coef = self._coef[key]
@@ -62,7 +63,7 @@ class NewtonForecaster:
         out = coef[0][rows].clone()
         weight = torch.ones(len(rows), dtype=torch.float64)
         for i in range(1, self.order + 1):
-            weight = weight * (step - nodes[:, i - 1])
+            weight = weight * (step - nodes[:, i - 1]) * shrink
             have = nodes[:, i] >= 0  # the i-th difference exists only after i + 1 full steps
             w = torch.where(have, weight, torch.zeros_like(weight)).to(out.device, out.dtype)
             out = out + coef[i][rows] * w.view(-1, *([1] * (out.dim() - 1)))

@@ -114,8 +114,8 @@ class _Pass:
             seg.forecaster.update(key, seg.rows, self.step, value[start:start + len(seg.rows)])
             start += len(seg.rows)
 
-    def draft(self, key: str) -> torch.Tensor:
-        parts = [seg.forecaster.predict(key, seg.rows, self.step) for seg in self.segments]
+    def draft(self, key: str, shrink: float = 1.0) -> torch.Tensor:
+        parts = [seg.forecaster.predict(key, seg.rows, self.step, shrink) for seg in self.segments]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
@@ -581,11 +581,11 @@ class _SpeCaBlockHook(ModelHook):
                 return run()
             drafted_in = {name: p.draft(f"in.{name}") for name in spec.streams}
             if subset and not p.checking:
-                return spec.pack({**drafted_in, image: p.draft("out")})
+                return spec.pack({**drafted_in, image: p.draft("out", self.config.draft_shrink)})
             if subset:
                 sub, x, real = run_subset(drafted_in)
                 p.checks.append(self.session.check_pair(p.draft("sub.out"), real, x, call.arguments, True, sub))
-                return spec.pack({**drafted_in, image: p.draft("out")})
+                return spec.pack({**drafted_in, image: p.draft("out", self.config.draft_shrink)})
             real = run(drafted_in)
             p.checks.append(self.session.check_pair(p.draft("out"), spec.unpack(real)[image], drafted_in[image],
                                                     call.arguments, True))

@@ -43,6 +43,19 @@ def test_first_order_is_taylorseer():
     assert torch.allclose(fc.predict("x", torch.tensor([0]), 9), expected, atol=1e-6)
 
 
+def test_shrink_pulls_the_draft_toward_the_last_full_value():
+    """On a straight line, a draft shrunk by s lands at the share s of the way from the last full step's value
+    to the line's value at the target; s = 1 is the line itself, s = 0 plain reuse."""
+    slope, start = torch.randn(2, 6, dtype=torch.float64), torch.randn(2, 6, dtype=torch.float64)
+    fc = NewtonForecaster(1, batch_size=2)
+    for step in (3, 5):
+        fc.update("x", torch.tensor([0, 1]), step, start + slope * step)
+        fc.commit(step)
+    rows, last, target = torch.tensor([0, 1]), start + slope * 5, start + slope * 11
+    for s in (0.0, 0.3, 1.0):
+        assert torch.allclose(fc.predict("x", rows, 11, shrink=s), last + s * (target - last), atol=1e-12)
+
+
 def test_order_zero_is_reuse_and_missing_history_falls_back():
     fc = NewtonForecaster(2, batch_size=2)
     v = torch.randn(2, 4)
@@ -168,6 +181,7 @@ def test_error_is_relative_and_per_sample(metric):
     (dict(min_spec=9, max_spec=8), "min_spec"), (dict(warmup_steps=-1), "warmup_steps"),
     (dict(draft_gate=0.0), "draft_gate"), (dict(reject_hold_until=1.5), "reject_hold_until"),
     (dict(verify_first_scale=0.0), "verify_first_scale"), (dict(verify_first_scale_from=-0.1), "verify_first_scale_from"),
+    (dict(draft_shrink=1.5, verify_tokens=0.5), "draft_shrink"), (dict(draft_shrink=0.5), "draft_shrink"),
 ])
 def test_config_validation_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"SpeCaConfig.{field}="):

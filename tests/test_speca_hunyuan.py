@@ -340,6 +340,31 @@ def test_first_block_check_scale_applies_from_its_share(tiny_pipe):
     assert min(f / p for f, p in zip(first[3:], plain[3:])) > 1.5  # the first block's reading decided there
 
 
+def test_draft_shrink_moves_the_output_not_the_check(tiny_pipe):
+    """`draft_shrink` pulls the stream the output head gets at a speculative step toward the last full step's
+    (0: that stream itself, 0.5: halfway to Newton's draft), while the check still reads Newton's draft."""
+    def head_inputs(shrink):
+        seen = []
+        handle = tiny_pipe.transformer.norm_out.register_forward_pre_hook(lambda m, a: seen.append(a[0].clone()))
+        session = apply_speca(tiny_pipe, SpeCaConfig(tau0=math.inf, tau_min=math.inf, warmup_steps=3, max_spec=STEPS,
+                                                     verify_tokens=0.25, draft_shrink=shrink))
+        try:
+            run(tiny_pipe, [0])
+            return seen, session.stats()[0]
+        finally:
+            disable_speca(tiny_pipe)
+            handle.remove()
+
+    (reuse, stats0), (half, stats_half), (newton, stats1) = (head_inputs(s) for s in (0.0, 0.5, 1.0))
+    assert stats0.step_pattern == "FFF" + "S" * (STEPS - 3)
+    # Step 3, the first draft (from full steps 1 and 2): the same latent in, so the same check reading.
+    assert stats0.errors[0] == pytest.approx(stats1.errors[0], rel=1e-9)
+    assert stats_half.errors[0] == pytest.approx(stats1.errors[0], rel=1e-9)
+    assert torch.allclose(reuse[3], reuse[2], atol=1e-6)
+    assert torch.allclose(half[3], (reuse[3] + newton[3]) / 2, atol=1e-5)
+    assert (newton[3] - reuse[3]).abs().max() > 100 * 1e-5  # the draft did move the stream
+
+
 def test_delta_signal_is_not_diluted_by_the_residual_stream(tiny_pipe):
     """Same drafts, same differences; the delta signal divides by the block's update, which is smaller
     than the stream it is added to, so its errors are larger at every speculative step."""
