@@ -70,6 +70,8 @@ class SpeCaConfig:
             HiCache's contraction factor does (arXiv 2508.16984). First-order extrapolation over a run of drafts
             overshoots where the features' trajectory flattens; the checks still compare Newton's drafts, so what
             accepts a draft is unchanged and only what the sampler steps with moves.
+        draft_shrink_from: the share of the run from which `draft_shrink` applies (Newton's draft before it):
+            while the layout forms, a shrunk draft moves the latent the next checks read.
         max_error_sum: a per-sample quality floor: a speculative run ends (full step) once the
             errors accepted since the last full step, plus this one, reach this sum; small errors
             that each pass add up along a run of drafts.
@@ -108,6 +110,7 @@ class SpeCaConfig:
     verify_first_scale_from: float = 0.0
     verify_tokens: float = 1.0
     draft_shrink: float = 1.0
+    draft_shrink_from: float = 0.0
     max_error_sum: float = math.inf
     draft_gate: float = math.inf
     warmup_steps: int = 3
@@ -151,6 +154,9 @@ class SpeCaConfig:
         if v < 1 and self.verify_tokens == 1:
             bad("draft_shrink", v, "1 without a token-subset check (verify_tokens < 1): only there is the stream the "
                                    "output is built from a draft")
+        v = self.draft_shrink_from
+        if not isinstance(v, (int, float)) or not 0 <= v <= 1:
+            bad("draft_shrink_from", v, "a share of the run in [0, 1]")
         for name in ("max_error_sum", "draft_gate"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or math.isnan(v) or v <= 0:
@@ -184,6 +190,10 @@ class SpeCaConfig:
         if not self.verify_first or checks < 2 or step < self.verify_first_scale_from * num_steps:
             return None
         return [self.verify_first_scale] + [1.0] * (checks - 1)
+
+    def shrink(self, step: int, num_steps: int) -> float:
+        """The draft shrink the output stream takes at `step` (1: Newton's draft)."""
+        return self.draft_shrink if step >= self.draft_shrink_from * num_steps else 1.0
 
     def replace(self, **changes) -> "SpeCaConfig":
         return replace(self, **changes)

@@ -182,6 +182,7 @@ def test_error_is_relative_and_per_sample(metric):
     (dict(draft_gate=0.0), "draft_gate"), (dict(reject_hold_until=1.5), "reject_hold_until"),
     (dict(verify_first_scale=0.0), "verify_first_scale"), (dict(verify_first_scale_from=-0.1), "verify_first_scale_from"),
     (dict(draft_shrink=1.5, verify_tokens=0.5), "draft_shrink"), (dict(draft_shrink=0.5), "draft_shrink"),
+    (dict(draft_shrink_from=1.5), "draft_shrink_from"),
 ])
 def test_config_validation_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"SpeCaConfig.{field}="):

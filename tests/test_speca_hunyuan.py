@@ -342,12 +342,14 @@ def test_first_block_check_scale_applies_from_its_share(tiny_pipe):
 
 def test_draft_shrink_moves_the_output_not_the_check(tiny_pipe):
     """`draft_shrink` pulls the stream the output head gets at a speculative step toward the last full step's
-    (0: that stream itself, 0.5: halfway to Newton's draft), while the check still reads Newton's draft."""
-    def head_inputs(shrink):
+    (0: that stream itself, 0.5: halfway to Newton's draft), while the check still reads Newton's draft; from
+    `draft_shrink_from` of the run on only."""
+    def head_inputs(shrink, start=0.0):
         seen = []
         handle = tiny_pipe.transformer.norm_out.register_forward_pre_hook(lambda m, a: seen.append(a[0].clone()))
         session = apply_speca(tiny_pipe, SpeCaConfig(tau0=math.inf, tau_min=math.inf, warmup_steps=3, max_spec=STEPS,
-                                                     verify_tokens=0.25, draft_shrink=shrink))
+                                                     verify_tokens=0.25, draft_shrink=shrink,
+                                                     draft_shrink_from=start))
         try:
             run(tiny_pipe, [0])
             return seen, session.stats()[0]
@@ -363,6 +365,9 @@ def test_draft_shrink_moves_the_output_not_the_check(tiny_pipe):
     assert torch.allclose(reuse[3], reuse[2], atol=1e-6)
     assert torch.allclose(half[3], (reuse[3] + newton[3]) / 2, atol=1e-5)
     assert (newton[3] - reuse[3]).abs().max() > 100 * 1e-5  # the draft did move the stream
+    late, _ = head_inputs(0.0, start=0.5)  # from step 6 of 12 on
+    assert all(torch.equal(late[i], newton[i]) for i in range(6))
+    assert torch.allclose(late[6], late[2], atol=1e-6)  # the last full step is still step 2
 
 
 def test_delta_signal_is_not_diluted_by_the_residual_stream(tiny_pipe):
