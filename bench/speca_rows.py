@@ -20,7 +20,8 @@ SPECA_ABLATIONS = [  # (key, what changes against the default preset, SpeCaConfi
      dict(draft_gate=math.inf)),
     ("no-first-block", "no first-block check on the real latent (the default's per-sample difficulty signal)",
      dict(verify_first=False)),
-    ("full-check", "the checks on every video token (the default checks 1/8 of them)", dict(verify_tokens=1.0)),
+    ("full-check", "the checks on every video token (the default checks 1/8 of them; no shrink: the stream after a "
+     "full-token check is the verified block's real output, not a draft)", dict(verify_tokens=1.0, draft_shrink=1.0)),
     ("lenient-late", "a threshold 16x looser at the end than at the start, not 10x (the v1-tuned schedule's shape)",
      dict(beta=16.0)),
     ("beta-8", "a threshold 8x looser at the end than at the start, not 10x", dict(beta=8.0)),
@@ -30,8 +31,12 @@ SPECA_ABLATIONS = [  # (key, what changes against the default preset, SpeCaConfi
      "which decides for both)", dict(cfg_branches="pooled")),
     ("guided-cfg", "both CFG branches in one pass, the check on the guided prediction (thresholds x10: the "
      "prediction's error, amplified by the CFG scale)", "guided"),
-    ("no-late-scale", "the first-block check held to the threshold all run, not 1.5x it from 40% of the run (the "
-     "default until 2026-12-07)", dict(verify_first_scale=1.0)),
+    ("no-shrink", "Newton's draft for the output all run, not shrunk halfway toward the last full step's from 40% of "
+     "the run", dict(draft_shrink=1.0)),
+    ("no-late-scale", "the first-block check held to the threshold all run, not 2x it from 40% of the run",
+     dict(verify_first_scale=1.0)),
+    ("previous", "no shrink and the first-block check at 1.5x from 40% of the run (the default until the shrink came "
+     "on 2026-12-07)", dict(draft_shrink=1.0, verify_first_scale=1.5)),
     ("no-early-hold", "no full step held after a draft rejected in the first 30% of the run (the hold came into the "
      "default on 2026-12-06)", dict(reject_hold=0)),
     ("hold-all-run", "a full step held after every rejected draft, not only in the first 30% of the run",

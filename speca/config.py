@@ -225,20 +225,26 @@ PRESETS: dict[str, SpeCaConfig] = {
     # 21.5 dB). The early hold (`reject_hold` 1 in the run's first 30%): a draft rejected while the layout forms is
     # followed by one more full step, since the drafts right after it can send a clip to another scene while its
     # checks read as a calm clip's (clip 159, 18.1 dB without it, lost by 8 of 11 settings of the other options).
-    # The late scale (`verify_first_scale` 1.5 from 40% of the run): past the layout every rejection is the first
-    # block's check (the last block's passes those drafts), and there a 1.5x looser first check lengthens the runs
-    # of drafts at the cost of fine detail (mean PSNR -3 dB) and no clip's structure (1.75x loses one, 25.4 dB).
-    # Threshold 0.012 -> 0.12 over the run (beta 10), 3 warm-up steps, the cond branch deciding for both (the uncond
-    # call runs no check). On those prompts: 3.03x fewer FLOPs, no clip under 26 dB (worst 26.2), mean 35.2 dB, one
-    # structural failure (a motion verdict that turns under nearly every setting and the best peer, up to 45.5 dB:
-    # the scorer's). Without the late scale (the default until 2026-12-07) 2.83x, worst 26.7, mean 38.4; without the
-    # early hold too (until 2026-12-06) 3.03x, one clip at 18.1 dB and 2 failures; no other setting tried (gate,
-    # threshold, its growth, a threshold floor, warm-up 10) keeps every clip above 26 dB there.
-    # On bench.caching's 48 evaluation prompts (run after): 3.05x, worst 28.0 dB, mean 35.0, no structural failure,
-    # wall 84% of the FLOPs speedup; without the late scale 2.85x, worst 31.1, mean 38.2 (bench/results/caching.md).
+    # The late scale (`verify_first_scale` 2 from 40% of the run): past the layout every rejection is the first
+    # block's check (the last block's passes those drafts), and there a looser first check lengthens the runs of
+    # drafts. The late shrink (`draft_shrink` 0.5 from 40% of the run): the drafted stream the output head gets is
+    # pulled halfway from Newton's extrapolation toward the last full step's (the checks still read Newton's): over
+    # a run of 6-8 drafts first-order extrapolation overshoots, and the shrunk draft buys back the detail the looser
+    # check costs (at 1.5x without it clip 99 sat at 26.2 dB, at 1.75x 25.4; shrunk from the start instead of 40%,
+    # clip 91's shape verdict turned). Threshold 0.012 -> 0.12 over the run (beta 10), 3 warm-up steps, runs of at
+    # most 8 drafts, the cond branch deciding for both (the uncond call runs no check). On those prompts: 3.18x
+    # fewer FLOPs, no clip under 26 dB (worst 26.3), mean 34.5 dB, one structural failure (a motion verdict that
+    # turns under nearly every setting and the best peer, up to 45.5 dB: the scorer's). The defaults before:
+    # without the shrink, the late scale at 1.5x (the previous default, 2026-12-07) 3.03x, worst 26.2, mean 35.2;
+    # without the late scale too 2.83x, worst 26.7, mean 38.4; without the early hold too (until 2026-12-06) 3.03x, one clip
+    # at 18.1 dB and 2 failures. Faster settings tried there each lose a clip: late scale 2.5x (26.0 dB), runs of
+    # up to 10 drafts (25.6), the shrink from 30% (25.3), and, with the shrink from the start, threshold 0.014
+    # (18.4), shrink 0.3 (25.0) and clip 91's shape.
+    # On bench.caching's 48 evaluation prompts (run after): bench/results/caching.md.
     # HunyuanVideo only (the token-subset rule).
     "default": SpeCaConfig(order=1, cache="lean", tau0=0.012, beta=10.0, tau_min=0.0, metric="rel_l1",
                            signal="output", cfg_branches="leader", verify_first=True, verify_tokens=0.125,
                            draft_gate=0.04, warmup_steps=3, reject_hold=1, reject_hold_until=0.3, max_spec=8,
-                           verify_first_scale=1.5, verify_first_scale_from=0.4),
+                           verify_first_scale=2.0, verify_first_scale_from=0.4, draft_shrink=0.5,
+                           draft_shrink_from=0.4),
 }

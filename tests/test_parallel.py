@@ -29,10 +29,12 @@ BASE = {
     "lean_inf": SpeCaConfig(cache="lean", warmup_steps=2, max_spec=3, tau0=INF, tau_min=INF),
     "module_inf": SpeCaConfig(cache="module", warmup_steps=2, max_spec=3, tau0=INF, tau_min=INF),
     # The default preset's checks: the last block's and the first block's on the real latent, on a token subset
-    # (one draw over the whole clip, each rank running its shard's part), the first one's late scale, and its draft
-    # gate's lookback (summed over the ranks; a gate this high never closes, so the thresholds calibrated on it decide).
+    # (one draw over the whole clip, each rank running its shard's part), the first one's late scale, the late draft
+    # shrink, and its draft gate's lookback (summed over the ranks; a gate this high never closes, so the thresholds
+    # calibrated on it decide).
     "subset_inf": SpeCaConfig(cache="lean", warmup_steps=2, max_spec=3, tau0=INF, tau_min=INF, verify_tokens=0.25,
-                              verify_first=True, verify_first_scale=1.5, verify_first_scale_from=0.5, draft_gate=1e9),
+                              verify_first=True, verify_first_scale=1.5, verify_first_scale_from=0.5, draft_gate=1e9,
+                              draft_shrink=0.5, draft_shrink_from=0.5),
 }
 CALIBRATED_FROM = {"lean_tau": "lean_inf", "module_tau": "module_inf", "cfg_lean_tau": "cfg_lean_inf",
                    "odd_module_tau": "odd_module_inf", "subset_tau": "subset_inf", "cfg_joint_tau": "cfg_joint_inf"}
