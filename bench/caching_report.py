@@ -203,9 +203,10 @@ def write_report(rows: list[dict], meta: dict, out: Path) -> None:
         all_met &= same
         lines += [(f"Goal 3, batch 8 and batch 1 give each sample the same step pattern (default preset): "
                    f"**{'met' if same else 'NOT met'}** ({g['batch']['same']} of {g['batch']['of']} samples)."), ""]
-    if not all_met:
-        # The why is written by hand from a run's numbers and kept beside the report, so a rerun keeps it.
-        analysis = out.with_name(f"{out.stem}_analysis.md")
+    # The reading is written by hand from a run's numbers and kept beside the report, so a rerun keeps it; a goal not
+    # met asks for one.
+    analysis = out.with_name(f"{out.stem}_analysis.md")
+    if analysis.is_file() or not all_met:
         text = analysis.read_text().strip() if analysis.is_file() else "_To be written._"
         lines += ["## Analysis", "", f"(`{analysis.name}`, written from the run it names.)", "", text, ""]
     lines += [

@@ -257,7 +257,7 @@ def test_render_rewrites_the_report_from_its_json(report, tmp_path):
     copy.with_name("caching_analysis.md").write_text("Written after the run.")
     caching.main(["--render", "--out", str(copy)])
     again = copy.read_text()
-    assert ("Written after the run." in again) == ("## Analysis" in md)
+    assert "## Analysis" in again and "Written after the run." in again  # a reading beside the report, met or not
     assert [ln for ln in again.splitlines() if ln.startswith("| ")] == [ln for ln in md.splitlines()
                                                                         if ln.startswith("| ")]
 
