@@ -66,8 +66,8 @@ class SpeCaConfig:
             Families without a token-subset rule refuse it.
         draft_shrink: the drafted stream the model's output is built from (with a token-subset check, the
             stream leaving the verified block) takes its draft polynomial's i-th term times `draft_shrink ** i`:
-            below 1 the draft is pulled from Newton's extrapolation toward the last full step's value, as
-            HiCache's contraction factor does (arXiv 2508.16984). First-order extrapolation over a run of drafts
+            below 1 the draft is pulled from Newton's extrapolation toward the last full step's value (a damping
+            in the spirit of HiCache's contraction factor, arXiv 2508.16984). First-order extrapolation over a run of drafts
             overshoots where the features' trajectory flattens; the checks still compare Newton's drafts, so what
             accepts a draft is unchanged and only what the sampler steps with moves.
         draft_shrink_from: the share of the run from which `draft_shrink` applies (Newton's draft before it):

@@ -580,12 +580,11 @@ class _SpeCaBlockHook(ModelHook):
             if not self.is_verify:
                 return run()
             drafted_in = {name: p.draft(f"in.{name}") for name in spec.streams}
-            shrink = self.config.shrink(p.step, self.session.controller.num_steps)
-            if subset and not p.checking:
-                return spec.pack({**drafted_in, image: p.draft("out", shrink)})
             if subset:
-                sub, x, real = run_subset(drafted_in)
-                p.checks.append(self.session.check_pair(p.draft("sub.out"), real, x, call.arguments, True, sub))
+                if p.checking:
+                    sub, x, real = run_subset(drafted_in)
+                    p.checks.append(self.session.check_pair(p.draft("sub.out"), real, x, call.arguments, True, sub))
+                shrink = self.config.shrink(p.step, self.session.controller.num_steps)
                 return spec.pack({**drafted_in, image: p.draft("out", shrink)})
             real = run(drafted_in)
             p.checks.append(self.session.check_pair(p.draft("out"), spec.unpack(real)[image], drafted_in[image],
